@@ -1,0 +1,256 @@
+"""The run configuration: one typed, validated YAML document with a section per stage.
+
+`load_config(path, overrides)` reads YAML, applies dotted `--set` overrides and validates. Any problem
+raises `ConfigError` with one line per field naming the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opt.errors import OptError
+from opt.model.config import PRESETS, OPTConfig
+
+
+class ConfigError(OptError, ValueError):
+    """A run configuration that cannot be used; the message names the field and the problem."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(Section):
+    root: str = ".opt/store"
+    """Store URI for datasets, runs and exports: a local path or `s3://bucket/prefix`."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto); None uses AWS's. Credentials come from boto3's usual chain."""
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///.opt/mlflow.db"
+    """MLflow tracking URI: SQLite by default, `postgresql://...` or `http://mlflow:5000` in production."""
+    experiment: str = "opt"
+    """MLflow experiment that training, evaluation and registration runs go to."""
+
+
+class SourceConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Source name used in the manifest and the validation split (e.g. `pile-cc`)."""
+    kind: Literal["jsonl", "text"] = "jsonl"
+    """`jsonl`: Pile-style lines with `text`; `text`: a file or directory of .txt files, one document each."""
+    uri: str
+    """Local path or `s3://` URI of the file or directory."""
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(2048, ge=260, le=65536)
+    """Byte-level BPE vocabulary before padding to a multiple of 8 (OPT: 50265 -> 50272)."""
+    min_frequency: int = Field(2, ge=1)
+    """Minimum pair count for a BPE merge."""
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(name="python-docs", uri="data/sample/python-docs.jsonl")])
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_len: int = Field(128, ge=8)
+    """Training sequence length; shards are read in windows of seq_len + 1 tokens."""
+    valid_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of each source's documents held out for validation (chosen by document hash)."""
+    min_chars: int = Field(64, ge=1)
+    """Documents shorter than this after cleaning are dropped (counted as `too_short`)."""
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in v]
+        if not v:
+            raise ValueError("at least one source is required")
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return v
+
+
+class ModelSection(Section):
+    preset: str = "debug"
+    """OPT preset (`debug`, `125m` ... `175b`)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """OPTConfig fields replacing the preset's (e.g. `dropout: 0.0`)."""
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v.lower().removeprefix("opt-") not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(PRESETS)}")
+        return v.lower().removeprefix("opt-")
+
+    def build(self, vocab_size: int, seq_len: int) -> OPTConfig:
+        """The model config for a dataset with `vocab_size` tokens and sequences of `seq_len`."""
+        fields = {"vocab_size": vocab_size, "max_seq_len": seq_len, **self.overrides}
+        return OPTConfig.preset(self.preset, **fields)
+
+    @model_validator(mode="after")
+    def _valid_overrides(self) -> ModelSection:
+        try:
+            OPTConfig.preset(self.preset, **self.overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid model override: {e}") from None
+        return self
+
+
+class TrainConfig(Section):
+    run: str = Field("tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name: `<store>/runs/<run>/`; the same name resumes from the newest committed checkpoint."""
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one rank each)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    ray_address: str | None = None
+    """Ray cluster address; None starts (or joins) a local instance."""
+    max_failures: int = Field(3, ge=0)
+    """Worker-group restarts Ray Train allows before the run fails."""
+    max_steps: int = Field(40, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per rank per step."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (OPT-125M used 6e-4)."""
+    warmup_steps: int = Field(5, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Linear decay ends at this fraction of the peak (OPT: 10%)."""
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(20, ge=1)
+    """Steps between sharded checkpoints (one is always written at the last step)."""
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    max_batches: int | None = Field(None, ge=1)
+    """Cap on validation batches per source; None evaluates the whole split."""
+
+
+class GateConfig(Section):
+    max_perplexity: float = Field(1e4, gt=1)
+    """A model version gets the `candidate` alias only if its validation perplexity is at most this."""
+
+
+class RegistryConfig(Section):
+    model_name: str | None = None
+    """Registered model name; None means `opt-<preset>`."""
+    access_class: Literal["open", "gated"] | None = None
+    """`gated` versions are downloadable only through an approved access grant; None: gated for 175b."""
+    gate: GateConfig = GateConfig()
+
+
+class AccessConfig(Section):
+    db_url: str = "sqlite:///.opt/access.db"
+    """SQLAlchemy URL of the access database (PostgreSQL in production)."""
+    link_ttl_seconds: int = Field(3600, ge=1)
+    """Lifetime of a download link."""
+    grant_days: int = Field(30, ge=1)
+    """How long an approved grant lasts."""
+    download_quota: int = Field(5, ge=1)
+    """Downloads a grant allows."""
+    secret_env: str = "OPT_ACCESS_SECRET"
+    """Environment variable holding the link-signing secret; without it one is kept in `.opt/access.secret`."""
+
+
+class RunConfig(Section):
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+    access: AccessConfig = AccessConfig()
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or f"opt-{self.model.preset}"
+
+    @property
+    def access_class(self) -> str:
+        return self.registry.access_class or ("gated" if self.model.preset == "175b" else "open")
+
+    def resolved(self, base: Path) -> RunConfig:
+        """The same config with relative local paths made absolute against `base` (Ray workers run elsewhere)."""
+
+        def path(uri: str) -> str:
+            return uri if "://" in uri or Path(uri).is_absolute() else str((base / uri).resolve())
+
+        def sqlite(url: str) -> str:
+            prefix = "sqlite:///"
+            return prefix + path(url.removeprefix(prefix)) if url.startswith(prefix) else url
+
+        data = self.model_dump()
+        data["storage"]["root"] = path(self.storage.root)
+        data["tracking"]["uri"] = sqlite(self.tracking.uri)
+        data["access"]["db_url"] = sqlite(self.access.db_url)
+        for src in data["data"]["sources"]:
+            src["uri"] = path(src["uri"])
+        return RunConfig.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*)=(.*)$", re.DOTALL)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        m = _OVERRIDE.match(item)
+        if not m:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.max_steps=20")
+        *parents, leaf = m.group(1).split(".")
+        node = data
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(m.group(2)) if m.group(2) else ""
+    return data
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""
+        lines.append(f"{source}: {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run configuration; `path=None` uses the embedded defaults."""
+    source = str(path) if path else "defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such config file")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data).resolved(Path.cwd())
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None

@@ -1,0 +1,139 @@
+"""The training driver: launches Ray Train's TorchTrainer over `train_worker` and records the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from opt import storage
+from opt.config import RunConfig
+from opt.data.manifest import DatasetManifest
+from opt.errors import OptError
+from opt.logbook import Logbook
+from opt.train.checkpoint import CommittedCheckpoint, latest_committed
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+class TrainingError(OptError):
+    """Training could not complete; the message says why and the logbook has the details."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_uri: str
+    mlflow_run_id: str
+    checkpoint: CommittedCheckpoint
+    metrics: dict
+
+
+def run_uri(cfg: RunConfig) -> str:
+    return storage.join(cfg.storage.root, "runs", cfg.train.run)
+
+
+def work_dir(cfg: RunConfig) -> Path:
+    """Local scratch space (download cache, staging) beside the embedded defaults."""
+    return Path(os.environ.get("OPT_HOME", ".opt")).resolve()
+
+
+def _ray_init(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # A local instance by default; a cluster by address. Quiet logs: the trainer prints its own progress.
+    ray.init(address=cfg.train.ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
+    """Start or resume run `cfg.train.run` on `manifest`'s dataset; returns its final committed checkpoint."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    from opt.tracking import get_or_create_run
+
+    uri = run_uri(cfg)
+    logbook = Logbook(uri)
+    run_file = storage.join(uri, RUN_FILE)
+    previous = json.loads(storage.read_text(run_file)) if storage.exists(run_file) else {}
+    if previous.get("dataset_id") not in (None, manifest.dataset_id):
+        raise TrainingError(
+            f"run {cfg.train.run!r} was trained on dataset {previous['dataset_id']}, not {manifest.dataset_id}; "
+            "choose a new run name (train.run=...) to train on the new data"
+        )
+    mlflow_run_id = get_or_create_run(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        cfg.train.run,
+        previous.get("mlflow_run_id"),
+        tags={"opt.run": cfg.train.run, "opt.dataset_id": manifest.dataset_id, "opt.preset": cfg.model.preset},
+    )
+    storage.write_text(
+        run_file, json.dumps({"run": cfg.train.run, "dataset_id": manifest.dataset_id, "mlflow_run_id": mlflow_run_id}, indent=2)
+    )
+    storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml())
+    _log_config(cfg, mlflow_run_id)
+    existing = latest_committed(uri)
+    logbook.append(
+        "run_started" if existing is None else "run_resumed",
+        dataset_id=manifest.dataset_id,
+        max_steps=cfg.train.max_steps,
+        workers=cfg.train.num_workers,
+        from_step=existing.step if existing else 0,
+    )
+
+    scratch = work_dir(cfg)
+    (scratch / "cache").mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": cfg.model_dump(mode="json"),
+        "manifest": manifest.to_json(),
+        "run_uri": uri,
+        "mlflow_run_id": mlflow_run_id,
+        "cache_dir": str(scratch / "cache"),
+    }
+    _ray_init(cfg)
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_worker_entry,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RayRunConfig(
+            name=t.run,
+            storage_path=str(scratch / "ray"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        logbook.append("run_failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise TrainingError(f"training run {t.run!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    final = latest_committed(uri)
+    if final is None or final.step < t.max_steps:
+        logbook.append("run_failed", error="no final checkpoint")
+        raise TrainingError(f"training run {t.run!r} ended without a committed checkpoint at step {t.max_steps}")
+    metrics = dict(result.metrics or {})
+    logbook.append("run_finished", step=final.step, checkpoint=final.uri, loss=metrics.get("loss"))
+    return TrainResult(uri, mlflow_run_id, final, metrics)
+
+
+def train_worker_entry(payload: dict) -> None:
+    # imported inside the worker so the driver does not pay for it
+    from opt.train.loop import train_worker
+
+    train_worker(payload)
+
+
+def _log_config(cfg: RunConfig, mlflow_run_id: str) -> None:
+    from opt.tracking import client
+
+    try:
+        client(cfg.tracking.uri).log_text(mlflow_run_id, cfg.to_yaml(), "config.yaml")
+    except Exception as e:  # tracking never blocks training
+        log.warning("could not log the resolved config to MLflow: %s", e)

@@ -1,0 +1,123 @@
+"""The per-rank training loop Ray Train runs: FSDP2, OPT's AdamW recipe, sharded checkpoints, resume."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from opt.config import RunConfig
+from opt.data.loader import TrainBatches, open_tokens
+from opt.data.manifest import DatasetManifest
+from opt.logbook import Logbook
+from opt.model import OPT
+from opt.model.plan import train_flops_per_token
+from opt.train.checkpoint import latest_committed, local_copy, read_trainer_state, save_sharded
+from opt.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (biases and LayerNorm parameters are not decayed)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    t = cfg.train
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+
+
+def shard_model(model: OPT, world: int, device_type: str) -> OPT:
+    """FSDP2: shard each decoder layer, then the root (embeddings, final LayerNorm)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker. `payload` holds plain data: the config and the manifest."""
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from opt.tracking import MetricsBuffer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = RunConfig.model_validate(payload["config"])
+    manifest = DatasetManifest.from_json(payload["manifest"])
+    run_uri: str = payload["run_uri"]
+    t = cfg.train
+    device = "cuda" if t.use_gpu else "cpu"
+    logbook = Logbook(run_uri)
+
+    torch.manual_seed(t.seed)  # same init on every rank before sharding
+    model_cfg = cfg.model.build(manifest.vocab_size, manifest.seq_len)
+    model = shard_model(OPT(model_cfg).to(device), world, device)
+    optimizer = build_optimizer(model, cfg)
+
+    start = 0
+    skipped = (lambda uri, why: logbook.append("checkpoint_skipped", uri=uri, reason=why)) if rank == 0 else None
+    ckpt = latest_committed(run_uri, on_skip=skipped)
+    if ckpt is not None:
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(local_copy(ckpt, payload["cache_dir"])))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        start = read_trainer_state(ckpt)["step"]
+        if rank == 0:
+            logbook.append("resumed", step=start, checkpoint=ckpt.uri, world_size=world)
+
+    tokens = open_tokens(manifest, "train/tokens.bin", payload["cache_dir"])
+    batches = TrainBatches(tokens, manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
+    metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"]) if rank == 0 else None
+    flops_per_token = train_flops_per_token(model_cfg, manifest.seq_len)
+    tokens_per_step = t.micro_batch_size * manifest.seq_len * world
+    last: dict[str, float] = {}
+    model.train()
+    for step in range(start, t.max_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batches.batch(step)
+        loss = model.loss(x.to(device), y.to(device))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG if device == "cuda" else dist.ReduceOp.SUM)
+        if device != "cuda":  # gloo has no AVG
+            mean_loss /= world
+        dt = time.perf_counter() - t0
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        last = {
+            "loss": mean_loss.item(),
+            "lr": lr,
+            "grad_norm": float(norm),
+            "tokens_per_s": tokens_per_step / dt,
+            "tflops_per_s": tokens_per_step * flops_per_token / dt / 1e12,
+        }
+        if metrics is not None:
+            metrics.log(last, step + 1)
+            if (step + 1) % 10 == 0 or step == start:
+                print(f"step {step + 1}/{t.max_steps} loss {last['loss']:.4f} lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s", flush=True)
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            trainer_state = {"step": step + 1, "seed": t.seed, "dataset_id": manifest.dataset_id, "model": model_cfg.to_dict()}
+            uri = save_sharded({"model": model_sd, "optim": optim_sd}, trainer_state, run_uri, step + 1, rank, payload["cache_dir"])
+            if rank == 0:
+                logbook.append("checkpoint", step=step + 1, uri=uri, loss=last["loss"])
+            ray.train.report({**last, "step": step + 1, "checkpoint": uri})
+    if metrics is not None and not metrics.flush():
+        log.warning("some metrics could not be sent to MLflow")
