@@ -38,6 +38,8 @@ class TrackingConfig(Section):
     """MLflow tracking URI: SQLite by default, `postgresql://...` or `http://mlflow:5000` in production."""
     experiment: str = "opt"
     """MLflow experiment that training, evaluation and registration runs go to."""
+    artifact_root: str = ".opt/mlartifacts"
+    """Where a newly created experiment stores artifacts: a local path or `s3://...`."""
 
 
 class SourceConfig(Section):
@@ -195,6 +197,7 @@ class RunConfig(Section):
         data = self.model_dump()
         data["storage"]["root"] = path(self.storage.root)
         data["tracking"]["uri"] = sqlite(self.tracking.uri)
+        data["tracking"]["artifact_root"] = path(self.tracking.artifact_root)
         data["access"]["db_url"] = sqlite(self.access.db_url)
         for src in data["data"]["sources"]:
             src["uri"] = path(src["uri"])

@@ -27,7 +27,18 @@ def client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=prepare_tracking_uri(tracking_uri))
 
 
-def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, existing_run_id: str | None, tags: dict[str, str]) -> str:
+def get_or_create_experiment(tracking_uri: str, experiment: str, artifact_root: str) -> str:
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+    return c.create_experiment(experiment, artifact_location=f"{location.rstrip('/')}/{experiment}")
+
+
+def get_or_create_run(
+    tracking_uri: str, experiment: str, artifact_root: str, run_name: str, existing_run_id: str | None, tags: dict[str, str]
+) -> str:
     """The MLflow run id for a training run: reuse `existing_run_id` when it still exists, else create one."""
     c = client(tracking_uri)
     if existing_run_id:
@@ -36,8 +47,7 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_name: str, existin
             return existing_run_id
         except Exception:
             log.warning("MLflow run %s not found at %s; starting a new one", existing_run_id, tracking_uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    exp_id = get_or_create_experiment(tracking_uri, experiment, artifact_root)
     return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 

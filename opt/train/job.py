@@ -47,7 +47,7 @@ def _ray_init(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     # A local instance by default; a cluster by address. Quiet logs: the trainer prints its own progress.
-    ray.init(address=cfg.train.ray_address, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ray.init(address=cfg.train.ray_address, configure_logging=False)
 
 
 def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
@@ -70,6 +70,7 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     mlflow_run_id = get_or_create_run(
         cfg.tracking.uri,
         cfg.tracking.experiment,
+        cfg.tracking.artifact_root,
         cfg.train.run,
         previous.get("mlflow_run_id"),
         tags={"opt.run": cfg.train.run, "opt.dataset_id": manifest.dataset_id, "opt.preset": cfg.model.preset},

@@ -1,0 +1,48 @@
+# The two commands that matter: `make run` (whole pipeline on configs/tiny.yaml) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take exactly this torch (a local CPU wheel here). On a GPU machine pass the CUDA build,
+# e.g. make install TORCH_SPEC="torch==2.13.0 --index-url <PyTorch CUDA index for your driver>".
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/tiny.yaml
+PYTEST_ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export DO_NOT_TRACK = 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
+export RAY_USAGE_STATS_ENABLED = 0
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install run test test-fast lint clean-state
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/optctl pipeline run --config $(CONFIG)
+	$(BIN)/optctl access demo --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Forget the embedded state (datasets, runs, MLflow, access DB) under .opt/.
+clean-state:
+	rm -rf .opt

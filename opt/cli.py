@@ -1,0 +1,262 @@
+"""`optctl`: every stage from the command line. Errors print one line (no traceback) and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from opt.errors import OptError
+
+
+def _config_args(p: argparse.ArgumentParser, run: bool = False, step: bool = False) -> None:
+    p.add_argument("--config", "-c", help="run configuration YAML (default: embedded defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    if run:
+        p.add_argument("--run", help="run name (overrides train.run)")
+    if step:
+        p.add_argument("--step", type=int, help="checkpoint step (default: newest committed)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from opt.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "run", None):
+        overrides.append(f"train.run={args.run}")
+    return load_config(args.config, overrides)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --- data / train / eval / register ------------------------------------------------------------------
+
+
+def cmd_data_prep(args: argparse.Namespace) -> None:
+    from opt import stages
+
+    cfg = _load(args)
+    manifest, reused = stages.prepare_data(cfg)
+    print(f"dataset {manifest.dataset_id} {'(reused)' if reused else '(prepared)'}: {manifest.uri}")
+    print(f"{'source':<24} {'docs in':>8} {'dropped':>8} {'dups':>6} {'train tok':>10} {'valid tok':>10}")
+    for name, s in manifest.sources.items():
+        print(f"{name:<24} {s.docs_in:>8} {sum(s.dropped.values()):>8} {s.exact_duplicates + s.near_duplicates:>6} "
+              f"{s.train_tokens:>10} {s.valid_tokens:>10}")  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from opt import stages
+
+    cfg = _load(args)
+    result = stages.train(cfg)
+    print(f"run {cfg.train.run}: committed checkpoint {result.checkpoint.uri} (step {result.checkpoint.step})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from opt import stages
+
+    report = stages.evaluate(_load(args), args.step)
+    print(f"step {report.step}: validation perplexity {report.perplexity:.2f} over {report.tokens} tokens -> {report.checkpoint}/eval.json")
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from opt import stages
+
+    reg = stages.register(_load(args), args.step)
+    verdict = "passed" if reg.gate_passed else "FAILED"
+    print(
+        f"{reg.name} v{reg.version}: gate {verdict} ({'; '.join(reg.reasons)}); aliases {reg.aliases or 'none'}; access {reg.access_class}"
+    )
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    cfg = _load(args)  # validate before starting Prefect, so a bad config fails in a second
+    if args.no_prefect:
+        from opt import stages
+
+        s = stages.run_all(cfg)
+        summary = {
+            "dataset": {"id": s.dataset.dataset_id, "uri": s.dataset.uri, "reused": s.dataset_reused},
+            "train": {"run_uri": s.train.run_uri, "step": s.train.checkpoint.step, "checkpoint": s.train.checkpoint.uri},
+            "eval": {"perplexity": s.eval.perplexity},
+            "registration": {"name": s.registration.name, "version": s.registration.version, "gate_passed": s.registration.gate_passed,
+                             "aliases": s.registration.aliases, "access_class": s.registration.access_class},
+        }  # fmt: skip
+    else:
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        from flows.pipeline import pipeline
+
+        summary = pipeline(args.config, list(args.overrides) + ([f"train.run={args.run}"] if args.run else []))
+    _print_json(summary)
+    _where_to_look(cfg, summary)
+
+
+def _where_to_look(cfg: Any, summary: dict) -> None:
+    reg = summary["registration"]
+    print("\nWhere to look:")
+    print(f"  dataset manifest   {summary['dataset']['uri']}/manifest.json")
+    print(f"  run + checkpoints  {summary['train']['run_uri']}  (logbook: optctl logbook show {cfg.train.run})")
+    print(f"  eval report        {summary['train']['checkpoint']}/eval.json")
+    print(
+        f"  registered model   {reg['name']} v{reg['version']} (gate {'passed' if reg['gate_passed'] else 'failed'}, aliases {reg['aliases']})"
+    )
+    print(f"  MLflow UI          .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --port 5000  -> http://127.0.0.1:5000")
+
+
+# --- model ---------------------------------------------------------------------------------------------
+
+
+def cmd_model_info(args: argparse.Namespace) -> None:
+    from opt.model import OPTConfig
+    from opt.model.plan import describe, memory_per_gpu
+
+    cfg = OPTConfig.preset(args.preset)
+    plan = memory_per_gpu(cfg, args.gpus, args.tp, args.sharding, args.micro_batch, args.seq_len, not args.no_activation_checkpointing)
+    print(describe(args.preset, cfg, plan, args.seq_len))
+
+
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from opt.model.hf import import_hf
+
+    print(f"wrote {import_hf(args.src, args.dst)}")
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from opt.model.hf import export_hf
+
+    print(f"wrote {export_hf(args.src, args.dst, args.tokenizer)}")
+
+
+def cmd_model_export(args: argparse.Namespace) -> None:
+    from opt import stages
+    from opt.train.export import export_consolidated
+    from opt.train.job import work_dir
+
+    cfg = _load(args)
+    ckpt = stages.checkpoint(cfg, args.step)
+    print(f"wrote {export_consolidated(ckpt, args.out, work_dir(cfg) / 'cache')} from {ckpt.uri}")
+
+
+# --- logbook -------------------------------------------------------------------------------------------
+
+
+def cmd_logbook_show(args: argparse.Namespace) -> None:
+    from opt import storage
+    from opt.logbook import Logbook, render_markdown
+
+    cfg = _load(args)
+    book = Logbook(storage.join(cfg.storage.root, "runs", args.run_name))
+    events = book.read()
+    if not events:
+        raise OptError(f"run {args.run_name!r} has no logbook at {book.uri}")
+    print(render_markdown(args.run_name, events))
+
+
+def cmd_logbook_note(args: argparse.Namespace) -> None:
+    from opt import storage
+    from opt.logbook import Logbook
+
+    cfg = _load(args)
+    entry = Logbook(storage.join(cfg.storage.root, "runs", args.run_name)).append(
+        "note", text=args.text, author=os.environ.get("USER", "unknown")
+    )
+    print(f"noted at {entry['ts']}")
+
+
+# --- parser --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optctl", description="Prepare, train, evaluate, register and gate OPT models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("prep", help="clean, deduplicate, tokenize and pack the configured sources")
+    _config_args(p)
+    p.set_defaults(func=cmd_data_prep)
+
+    p = sub.add_parser("train", help="start or resume a training run on Ray")
+    _config_args(p, run=True)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="validation perplexity of a committed checkpoint")
+    _config_args(p, run=True, step=True)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("register", help="register an evaluated checkpoint in MLflow behind its gate")
+    _config_args(p, run=True, step=True)
+    p.set_defaults(func=cmd_register)
+
+    pipe = sub.add_parser("pipeline", help="the whole pipeline").add_subparsers(dest="pipeline_cmd", required=True)
+    p = pipe.add_parser("run", help="data prep -> train -> eval -> register, as a Prefect flow")
+    _config_args(p, run=True)
+    p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without Prefect")
+    p.set_defaults(func=cmd_pipeline)
+
+    model = sub.add_parser("model", help="model presets, planning and conversion").add_subparsers(dest="model_cmd", required=True)
+    p = model.add_parser("info", help="parameters, FLOPs per token and memory per GPU of a preset")
+    p.add_argument("preset")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--sharding", default="full", choices=["full", "grad_op", "none"])
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.set_defaults(func=cmd_model_info)
+    p = model.add_parser("import-hf", help="Hugging Face save_pretrained dir -> consolidated checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_import_hf)
+    p = model.add_parser("export-hf", help="consolidated checkpoint -> Hugging Face dir")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship with the export")
+    p.set_defaults(func=cmd_export_hf)
+    p = model.add_parser("export", help="sharded training checkpoint -> consolidated checkpoint")
+    _config_args(p, run=True, step=True)
+    p.add_argument("out")
+    p.set_defaults(func=cmd_model_export)
+
+    book = sub.add_parser("logbook", help="the run logbook").add_subparsers(dest="logbook_cmd", required=True)
+    p = book.add_parser("show", help="render a run's logbook as Markdown")
+    p.add_argument("run_name")
+    _config_args(p)
+    p.set_defaults(func=cmd_logbook_show)
+    p = book.add_parser("note", help="add a note to a run's logbook")
+    p.add_argument("run_name")
+    p.add_argument("text")
+    _config_args(p)
+    p.set_defaults(func=cmd_logbook_note)
+
+    from opt.access.cli import add_access_commands
+
+    add_access_commands(sub, _config_args, _load)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except OptError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; committed checkpoints and prepared data are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Validation perplexity per source, written as `eval.json` beside the checkpoint and to MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from opt import storage
+from opt.data.loader import eval_batches, open_tokens
+from opt.data.manifest import DatasetManifest
+from opt.model import OPT
+from opt.train.checkpoint import CommittedCheckpoint
+from opt.train.export import load_checkpoint_model
+
+log = logging.getLogger(__name__)
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class EvalReport:
+    checkpoint: str
+    step: int
+    dataset_id: str
+    loss: float
+    perplexity: float
+    tokens: int
+    per_source: dict[str, dict[str, float]]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        out = {"eval_loss": self.loss, "eval_perplexity": self.perplexity}
+        for name, m in self.per_source.items():
+            out[f"eval_perplexity.{name}"] = m["perplexity"]
+        return out
+
+
+@torch.no_grad()
+def split_loss(model: OPT, tokens, seq_len: int, batch_size: int, max_batches: int | None) -> tuple[float, int]:
+    """(summed next-token NLL, number of predicted tokens) over a validation split."""
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(eval_batches(tokens, seq_len, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        logits = model(x)
+        total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    return total, count
+
+
+def evaluate(
+    ckpt: CommittedCheckpoint, manifest: DatasetManifest, cache_dir: str | Path, batch_size: int = 8, max_batches: int | None = None
+) -> EvalReport:
+    """Perplexity of the checkpoint on every source's held-out split; writes `eval.json` beside it."""
+    model = load_checkpoint_model(ckpt, cache_dir)
+    per_source: dict[str, dict[str, float]] = {}
+    total, count = 0.0, 0
+    for name in manifest.sources:
+        tokens = open_tokens(manifest, f"valid/{name}.bin", cache_dir)
+        if len(tokens) < 2:
+            continue
+        s, n = split_loss(model, tokens, manifest.seq_len, batch_size, max_batches)
+        per_source[name] = {"loss": s / n, "perplexity": math.exp(s / n), "tokens": n}
+        total, count = total + s, count + n
+    if count == 0:
+        raise ValueError(f"dataset {manifest.dataset_id} has no validation tokens to evaluate on")
+    report = EvalReport(ckpt.uri, ckpt.step, manifest.dataset_id, total / count, math.exp(total / count), count, per_source)
+    storage.write_text(storage.join(ckpt.uri, EVAL_FILE), report.to_json())
+    return report
+
+
+def log_to_mlflow(report: EvalReport, tracking_uri: str, run_id: str) -> None:
+    from opt.tracking import MetricsBuffer
+
+    buf = MetricsBuffer(tracking_uri, run_id)
+    buf.log(report.mlflow_metrics(), report.step)
+    if not buf.flush():
+        log.warning("evaluation figures were written to eval.json but not to MLflow")

@@ -1,0 +1,1 @@
+"""Gated registration of evaluated checkpoints in the MLflow model registry."""

@@ -1,0 +1,181 @@
+"""Register an evaluated checkpoint as an MLflow model version, and fetch a version's files.
+
+A version carries tags (dataset id, run, checkpoint URI, eval figures, gate verdict and reasons,
+access class) and artifacts (consolidated weights, a Hugging Face export, a model card and a
+download manifest with each file's size and sha256). Only a version that passes its gate gets the
+`candidate` alias. Registering the same checkpoint twice returns the existing version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opt import storage
+from opt.config import RunConfig
+from opt.data.manifest import DatasetManifest
+from opt.data.tokenizer import TOKENIZER_FILE
+from opt.errors import OptError
+from opt.eval.perplexity import EvalReport
+from opt.model.checkpoint import load_consolidated
+from opt.model.hf import export_hf
+from opt.model.plan import count_params
+from opt.train.checkpoint import CommittedCheckpoint
+from opt.train.export import export_consolidated
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_MANIFEST = "download_manifest.json"
+CANDIDATE = "candidate"
+
+
+class RegistryError(OptError):
+    """A model version that cannot be registered or fetched."""
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    gate_passed: bool
+    reasons: list[str]
+    access_class: str
+    aliases: list[str] = field(default_factory=list)
+    reused: bool = False
+
+
+def gate(report: EvalReport, cfg: RunConfig) -> tuple[bool, list[str]]:
+    """The registration gate: (passed, reasons). Every check adds a reason, passed or not."""
+    limit = cfg.registry.gate.max_perplexity
+    ok = report.perplexity <= limit
+    reason = f"validation perplexity {report.perplexity:.2f} {'<=' if ok else '>'} max {limit:g}"
+    return ok, [reason]
+
+
+def _model_card(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, passed: bool, reasons: list[str], params: int) -> str:
+    per_source = "\n".join(f"| {n} | {m['perplexity']:.2f} | {int(m['tokens'])} |" for n, m in report.per_source.items())
+    return f"""# {cfg.model_name}
+
+OPT-family decoder-only transformer (preset `{cfg.model.preset}`), {params:,} parameters,
+trained by run `{cfg.train.run}` for {report.step} steps on dataset `{manifest.dataset_id}`
+({manifest.train_tokens:,} training tokens, tokenizer sha256 `{manifest.tokenizer_sha256[:16]}...`).
+
+## Evaluation
+Validation perplexity {report.perplexity:.2f} over {report.tokens:,} tokens.
+
+| source | perplexity | tokens |
+|---|---|---|
+{per_source}
+
+## Gate
+{"PASSED" if passed else "FAILED"}: {"; ".join(reasons)}
+
+## Access
+Access class: `{cfg.access_class}`. {"Downloads need an approved access request (`optctl access request`)." if cfg.access_class == "gated" else "Open download."}
+
+## Files
+`consolidated/` (our format: `config.json`, `model.safetensors`), `hf/` (loads with
+`transformers.OPTForCausalLM.from_pretrained`), and `{DOWNLOAD_MANIFEST}` (size and sha256 of every file).
+"""
+
+
+def build_export(
+    cfg: RunConfig, ckpt: CommittedCheckpoint, manifest: DatasetManifest, report: EvalReport, passed: bool, reasons: list[str], out: Path
+) -> Path:
+    """Write the version's artifact directory: weights, HF export, model card, download manifest."""
+    if out.exists():
+        shutil.rmtree(out)
+    cache = out.parent / "cache"
+    export_consolidated(ckpt, out / "consolidated", cache)
+    tokenizer = storage.local_path(manifest.file_uri(f"tokenizer/{TOKENIZER_FILE}"), cache)
+    export_hf(out / "consolidated", out / "hf", tokenizer_file=tokenizer)
+    model_cfg, _ = load_consolidated(out / "consolidated")
+    (out / "README.md").write_text(_model_card(cfg, manifest, report, passed, reasons, count_params(model_cfg)))
+    (out / "eval.json").write_text(report.to_json())
+    files = [
+        {"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": storage.sha256_file(p)}
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    ]
+    (out / DOWNLOAD_MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+    return out
+
+
+def register(
+    cfg: RunConfig, ckpt: CommittedCheckpoint, manifest: DatasetManifest, report: EvalReport, mlflow_run_id: str, work_dir: Path
+) -> Registration:
+    """Create (or find) the model version for `ckpt`; alias it `candidate` only if the gate passes."""
+    from mlflow.exceptions import MlflowException
+
+    from opt.tracking import client
+
+    c = client(cfg.tracking.uri)
+    name = cfg.model_name
+    passed, reasons = gate(report, cfg)
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("opt.checkpoint_uri") == ckpt.uri:
+            aliases = list(c.get_model_version(name, mv.version).aliases or [])
+            return Registration(name, str(mv.version), mv.tags.get("opt.gate") == "passed", json.loads(mv.tags.get("opt.gate_reasons", "[]")),
+                                mv.tags.get("opt.access_class", "open"), aliases, reused=True)  # fmt: skip
+
+    export_dir = build_export(cfg, ckpt, manifest, report, passed, reasons, work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}")
+    artifact_path = f"registry/step-{ckpt.step}"
+    c.log_artifacts(mlflow_run_id, str(export_dir), artifact_path)
+    source = f"{c.get_run(mlflow_run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, tags={"opt.preset": cfg.model.preset}, description=f"OPT-{cfg.model.preset} family")
+    tags = {
+        "opt.dataset_id": manifest.dataset_id,
+        "opt.run": cfg.train.run,
+        "opt.mlflow_run_id": mlflow_run_id,
+        "opt.checkpoint_uri": ckpt.uri,
+        "opt.step": str(ckpt.step),
+        "opt.eval_perplexity": f"{report.perplexity:.4f}",
+        "opt.eval_loss": f"{report.loss:.4f}",
+        "opt.gate": "passed" if passed else "failed",
+        "opt.gate_reasons": json.dumps(reasons),
+        "opt.access_class": cfg.access_class,
+    }
+    mv = c.create_model_version(name, source=source, run_id=mlflow_run_id, tags=tags, description=(export_dir / "README.md").read_text())
+    aliases = []
+    if passed:
+        c.set_registered_model_alias(name, CANDIDATE, mv.version)
+        aliases.append(CANDIDATE)
+    return Registration(name, str(mv.version), passed, reasons, cfg.access_class, aliases)
+
+
+def version_info(tracking_uri: str, name: str, version: str) -> dict:
+    """Tags and source of a model version; RegistryError naming it when it does not exist."""
+    from opt.tracking import client
+
+    try:
+        mv = client(tracking_uri).get_model_version(name, version)
+    except Exception as e:
+        raise RegistryError(f"model version {name} v{version} not found in {tracking_uri}: {str(e).splitlines()[0]}") from None
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "source": mv.source,
+        "tags": dict(mv.tags),
+        "aliases": list(getattr(mv, "aliases", []) or []),
+    }
+
+
+def fetch_version(tracking_uri: str, name: str, version: str, out_dir: Path) -> list[dict]:
+    """Copy a version's files to `out_dir` and check each against its download manifest (sha256)."""
+    import mlflow.artifacts
+
+    info = version_info(tracking_uri, name, version)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=str(out_dir), tracking_uri=tracking_uri))
+    manifest = json.loads((local / DOWNLOAD_MANIFEST).read_text())
+    for f in manifest["files"]:
+        p = local / f["path"]
+        if not p.is_file() or storage.sha256_file(p) != f["sha256"]:
+            raise RegistryError(f"{name} v{version}: {f['path']} is missing or its sha256 differs from the download manifest")
+    return manifest["files"]

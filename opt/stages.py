@@ -1,0 +1,112 @@
+"""The five stages as plain functions of the run configuration, shared by `optctl` and the Prefect flow.
+
+Each stage finds its inputs through the contracts in docs/architecture.md (dataset id, run name,
+newest committed checkpoint), so each can run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from opt import storage
+from opt.config import RunConfig
+from opt.data.manifest import DatasetManifest, load_manifest
+from opt.errors import OptError
+from opt.eval.perplexity import EVAL_FILE, EvalReport
+from opt.registry.mlflow_registry import Registration
+from opt.train.checkpoint import CommittedCheckpoint, latest_committed, step_uri, verify
+from opt.train.job import RUN_FILE, TrainResult, run_uri, work_dir
+
+log = logging.getLogger(__name__)
+
+
+class StageError(OptError):
+    """A stage whose inputs are missing: the message names the stage to run first."""
+
+
+@dataclass
+class PipelineSummary:
+    dataset: DatasetManifest
+    dataset_reused: bool
+    train: TrainResult
+    eval: EvalReport
+    registration: Registration
+
+
+def prepare_data(cfg: RunConfig) -> tuple[DatasetManifest, bool]:
+    from opt.data.prep import prepare_dataset
+
+    return prepare_dataset(cfg.data, cfg.storage.root)
+
+
+def find_dataset(cfg: RunConfig) -> DatasetManifest:
+    """The prepared dataset for this config (same inputs and data settings), or StageError."""
+    from opt.data.prep import dataset_id
+
+    did, _ = dataset_id(cfg.data)
+    uri = storage.join(cfg.storage.root, "datasets", did)
+    try:
+        return load_manifest(uri)
+    except OptError:
+        raise StageError(f"dataset {did} is not prepared at {uri}; run `optctl data prep` with the same config first") from None
+
+
+def train(cfg: RunConfig, manifest: DatasetManifest | None = None) -> TrainResult:
+    from opt.train.job import train as run_training
+
+    return run_training(cfg, manifest or find_dataset(cfg))
+
+
+def _run_record(cfg: RunConfig) -> dict:
+    uri = storage.join(run_uri(cfg), RUN_FILE)
+    if not storage.exists(uri):
+        raise StageError(f"run {cfg.train.run!r} has not been trained (no {uri}); run `optctl train` first")
+    return json.loads(storage.read_text(uri))
+
+
+def checkpoint(cfg: RunConfig, step: int | None = None) -> CommittedCheckpoint:
+    """The newest committed checkpoint of the run, or the one at `step` (verified)."""
+    if step is not None:
+        try:
+            return verify(step_uri(run_uri(cfg), step))
+        except (OSError, ValueError, KeyError) as e:
+            raise StageError(f"run {cfg.train.run!r} has no valid committed checkpoint at step {step}: {e}") from None
+    ckpt = latest_committed(run_uri(cfg))
+    if ckpt is None:
+        raise StageError(f"run {cfg.train.run!r} has no committed checkpoint; run `optctl train` first")
+    return ckpt
+
+
+def evaluate(cfg: RunConfig, step: int | None = None, manifest: DatasetManifest | None = None) -> EvalReport:
+    from opt.eval.perplexity import evaluate as run_eval
+    from opt.eval.perplexity import log_to_mlflow
+
+    record = _run_record(cfg)
+    ckpt = checkpoint(cfg, step)
+    manifest = manifest or load_manifest(storage.join(cfg.storage.root, "datasets", record["dataset_id"]))
+    report = run_eval(ckpt, manifest, work_dir(cfg) / "cache", cfg.eval.batch_size, cfg.eval.max_batches)
+    log_to_mlflow(report, cfg.tracking.uri, record["mlflow_run_id"])
+    return report
+
+
+def register(cfg: RunConfig, step: int | None = None) -> Registration:
+    from opt.registry.mlflow_registry import register as run_register
+
+    record = _run_record(cfg)
+    ckpt = checkpoint(cfg, step)
+    manifest = load_manifest(storage.join(cfg.storage.root, "datasets", record["dataset_id"]))
+    eval_uri = storage.join(ckpt.uri, EVAL_FILE)
+    if not storage.exists(eval_uri):
+        raise StageError(f"checkpoint {ckpt.uri} has not been evaluated; run `optctl eval` first")
+    report = EvalReport(**json.loads(storage.read_text(eval_uri)))
+    return run_register(cfg, ckpt, manifest, report, record["mlflow_run_id"], work_dir(cfg))
+
+
+def run_all(cfg: RunConfig) -> PipelineSummary:
+    """All stages in order without Prefect (the flow in flows/pipeline.py is the orchestrated form)."""
+    manifest, reused = prepare_data(cfg)
+    result = train(cfg, manifest)
+    report = evaluate(cfg, result.checkpoint.step, manifest)
+    return PipelineSummary(manifest, reused, result, report, register(cfg, result.checkpoint.step))
