@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from opt.errors import OptError
@@ -105,9 +104,8 @@ def _where_to_look(cfg: Any, summary: dict) -> None:
     print(f"  dataset manifest   {summary['dataset']['uri']}/manifest.json")
     print(f"  run + checkpoints  {summary['train']['run_uri']}  (logbook: optctl logbook show {cfg.train.run})")
     print(f"  eval report        {summary['train']['checkpoint']}/eval.json")
-    print(
-        f"  registered model   {reg['name']} v{reg['version']} (gate {'passed' if reg['gate_passed'] else 'failed'}, aliases {reg['aliases']})"
-    )
+    verdict = "passed" if reg["gate_passed"] else "failed"
+    print(f"  registered model   {reg['name']} v{reg['version']} (gate {verdict}, aliases {reg['aliases']}, access {reg['access_class']})")
     print(f"  MLflow UI          .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --port 5000  -> http://127.0.0.1:5000")
 
 

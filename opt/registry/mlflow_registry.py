@@ -56,6 +56,8 @@ def gate(report: EvalReport, cfg: RunConfig) -> tuple[bool, list[str]]:
 
 
 def _model_card(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, passed: bool, reasons: list[str], params: int) -> str:
+    gated = cfg.access_class == "gated"
+    access_note = "Downloads need an approved access request (`optctl access request`)." if gated else "Open download."
     per_source = "\n".join(f"| {n} | {m['perplexity']:.2f} | {int(m['tokens'])} |" for n, m in report.per_source.items())
     return f"""# {cfg.model_name}
 
@@ -74,7 +76,7 @@ Validation perplexity {report.perplexity:.2f} over {report.tokens:,} tokens.
 {"PASSED" if passed else "FAILED"}: {"; ".join(reasons)}
 
 ## Access
-Access class: `{cfg.access_class}`. {"Downloads need an approved access request (`optctl access request`)." if cfg.access_class == "gated" else "Open download."}
+Access class: `{cfg.access_class}`. {access_note}
 
 ## Files
 `consolidated/` (our format: `config.json`, `model.safetensors`), `hf/` (loads with
@@ -118,8 +120,10 @@ def register(
     for mv in c.search_model_versions(f"name = '{name}'"):
         if mv.tags.get("opt.checkpoint_uri") == ckpt.uri:
             aliases = list(c.get_model_version(name, mv.version).aliases or [])
-            return Registration(name, str(mv.version), mv.tags.get("opt.gate") == "passed", json.loads(mv.tags.get("opt.gate_reasons", "[]")),
-                                mv.tags.get("opt.access_class", "open"), aliases, reused=True)  # fmt: skip
+            passed_before = mv.tags.get("opt.gate") == "passed"
+            reasons_before = json.loads(mv.tags.get("opt.gate_reasons", "[]"))
+            access = mv.tags.get("opt.access_class", "open")
+            return Registration(name, str(mv.version), passed_before, reasons_before, access, aliases, reused=True)
 
     export_dir = build_export(cfg, ckpt, manifest, report, passed, reasons, work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}")
     artifact_path = f"registry/step-{ckpt.step}"

@@ -80,7 +80,10 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     )
     storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml())
     _log_config(cfg, mlflow_run_id)
-    existing = latest_committed(uri)
+    existing = latest_committed(uri, on_skip=lambda bad, why: logbook.append("checkpoint_skipped", uri=bad, reason=why))
+    if existing is not None and existing.step >= cfg.train.max_steps:
+        log.info("run %s already has a committed checkpoint at step %d; nothing to train", cfg.train.run, existing.step)
+        return TrainResult(uri, mlflow_run_id, existing, {})
     logbook.append(
         "run_started" if existing is None else "run_resumed",
         dataset_id=manifest.dataset_id,

@@ -1,0 +1,43 @@
+"""optctl as a user meets it: one-line errors, never a traceback, and the planning command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from opt.cli import main
+from tests.conftest import REPO
+
+
+def run_optctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "opt.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_invalid_config_is_one_line_naming_the_field():
+    r = run_optctl("train", "--set", "train.max_steps=-1")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: defaults: train.max_steps: Input should be greater than or equal to 1 (got -1)"
+
+
+def test_missing_config_file_and_unknown_key(tmp_path):
+    r = run_optctl("data", "prep", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "no such config file" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stpes: 3\n")
+    r = run_optctl("train", "--config", str(bad))
+    assert r.returncode == 2 and "train.max_stpes: Extra inputs are not permitted" in r.stderr
+
+
+def test_stage_without_its_input_says_what_to_run_first(tmp_path, capsys):
+    code = main(["eval", "--set", f"storage.root={tmp_path}", "--run", "never-trained"])
+    assert code == 2
+    assert "optctl train" in capsys.readouterr().err
+
+
+def test_model_info_175b(capsys):
+    assert main(["model", "info", "175b", "--gpus", "992", "--tp", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "96 layers" in out and "TP 8 x DP 124" in out
+    params = int(next(line for line in out.splitlines() if line.startswith("parameters")).split()[1].replace(",", ""))
+    assert 174e9 < params < 176e9
