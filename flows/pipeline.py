@@ -17,10 +17,10 @@ from opt import stages
 from opt.config import RunConfig, load_config
 from opt.data.manifest import DatasetManifest
 
-IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
+# retries only around I/O-bound stages; a failed training run is resumed by Ray, not re-run by Prefect
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="prepare-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
     manifest, reused = stages.prepare_data(RunConfig.model_validate(cfg))
     get_run_logger().info("dataset %s at %s (%s)", manifest.dataset_id, manifest.uri, "reused" if reused else "prepared")
@@ -44,7 +44,7 @@ def evaluate(cfg: dict[str, Any], step: int, manifest_json: str) -> dict[str, An
     return json.loads(report.to_json())
 
 
-@task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def register(cfg: dict[str, Any], step: int) -> dict[str, Any]:
     reg = stages.register(RunConfig.model_validate(cfg), step)
     return {"name": reg.name, "version": reg.version, "gate_passed": reg.gate_passed, "reasons": reg.reasons,

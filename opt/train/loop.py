@@ -70,9 +70,8 @@ def train_worker(payload: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(local_copy(ckpt, payload["cache_dir"])))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local_copy(ckpt, payload["cache_dir"])))
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         start = read_trainer_state(ckpt)["step"]
         if rank == 0:
             logbook.append("resumed", step=start, checkpoint=ckpt.uri, world_size=world)
