@@ -192,7 +192,9 @@ class RunConfig(Section):
 
         def sqlite(url: str) -> str:
             prefix = "sqlite:///"
-            return prefix + path(url.removeprefix(prefix)) if url.startswith(prefix) else url
+            rest = url.removeprefix(prefix)
+            # `sqlite:///:memory:` is an in-memory database, not a file to place under `base`
+            return prefix + path(rest) if url.startswith(prefix) and rest != ":memory:" else url
 
         data = self.model_dump()
         data["storage"]["root"] = path(self.storage.root)
@@ -223,7 +225,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {key} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(m.group(2)) if m.group(2) else ""
+        try:
+            node[leaf] = yaml.safe_load(m.group(2)) if m.group(2) else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {str(e).splitlines()[0]}") from None
     return data
 
 

@@ -150,15 +150,16 @@ def read_text(uri: str) -> str:
 
 def put_file(local_path: str | Path, uri: str) -> ObjectInfo:
     """Atomically copy a local file to `uri`."""
-    digest = sha256_file(local_path)
-    size = os.path.getsize(local_path)
     if is_s3(uri):
+        digest = sha256_file(local_path)
+        size = os.path.getsize(local_path)
         bucket, key = _split_s3(uri)
         try:
             s3_client().upload_file(str(local_path), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
         except Exception as e:
             raise StorageError(f"{uri}: upload of {local_path} failed: {e}") from e
         return ObjectInfo(uri, size, digest)
+    # Hash while copying: the source is read once (it may be a pipe), and the digest is of what landed.
     with open(local_path, "rb") as src:
         return _local_atomic_write(Path(uri), lambda f, h: _copy_stream(src, f, h))
 
@@ -178,8 +179,11 @@ def get_file(uri: str, local_path: str | Path) -> Path:
             Path(tmp).unlink(missing_ok=True)
             raise StorageError(f"{uri}: download failed: {e}") from e
         return dst
-    with open(uri, "rb") as src:
-        _local_atomic_write(dst, lambda f, h: _copy_stream(src, f, h))
+    try:
+        with open(uri, "rb") as src:
+            _local_atomic_write(dst, lambda f, h: _copy_stream(src, f, h))
+    except OSError as e:
+        raise StorageError(f"{uri}: copy to {dst} failed: {e.strerror or e}") from e
     return dst
 
 
@@ -201,7 +205,7 @@ def list_files(prefix_uri: str) -> list[str]:
     if is_s3(prefix_uri):
         bucket, key = _split_s3(prefix_uri)
         key = key.rstrip("/") + "/" if key else ""
-        out = []
+        out: list[str] = []
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
             out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
         return sorted(out)
@@ -231,7 +235,10 @@ def stat(uri: str) -> ObjectInfo:
     """Size and sha256 of an object (from S3 metadata when recorded, else computed)."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        head = s3_client().head_object(Bucket=bucket, Key=key)
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise StorageError(f"{uri}: stat failed: {e}") from e
         digest = head.get("Metadata", {}).get("sha256") or hashlib.sha256(read_bytes(uri)).hexdigest()
         return ObjectInfo(uri, head["ContentLength"], digest)
     p = Path(uri)

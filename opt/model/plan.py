@@ -59,7 +59,7 @@ def memory_per_gpu(
     """Per-GPU memory of mixed-precision AdamW training under TP x FSDP.
 
     Activations follow Korthikanti et al. 2022 (bf16, no sequence parallelism): per layer
-    T*b*C*(34 + 5*H*T/C) bytes split by TP, or only the layer input (2*T*b*C) when checkpointing,
+    T*b*C*(10 + 24/TP + 5*H*T/(C*TP)) bytes, or only the layer input (2*T*b*C) when checkpointing,
     plus one layer's full activations for the recompute.
     """
     if gpus <= 0 or tensor_parallel <= 0 or gpus % tensor_parallel:
@@ -74,7 +74,8 @@ def memory_per_gpu(
     shard = {"full": (dp, dp, dp), "grad_op": (1, dp, dp), "none": (1, 1, 1)}[sharding]
     w, g, o = (per_rank * BYTES_PER_PARAM[k] / s for k, s in zip(("weights", "grads", "optimizer"), shard, strict=False))
     T, C, b = seq_len or cfg.max_seq_len, cfg.d_model, micro_batch
-    full_layer = T * b * C * (34 + 5 * cfg.n_head * T / C) / tensor_parallel
+    # 10*T*b*C (LayerNorm inputs, dropout masks) is replicated on every TP rank; the rest is split.
+    full_layer = T * b * C * (10 + 24 / tensor_parallel + 5 * cfg.n_head * T / (C * tensor_parallel))
     act = (cfg.n_layer * 2 * T * b * C + full_layer) if activation_checkpointing else cfg.n_layer * full_layer
     return MemoryPlan(n, gpus, tensor_parallel, dp, sharding, w / GiB, g / GiB, o / GiB, act / GiB)
 

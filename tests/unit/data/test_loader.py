@@ -53,4 +53,4 @@ def test_lr_schedule_warmup_then_linear_decay_to_ten_percent():
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)
     assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))

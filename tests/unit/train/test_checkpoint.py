@@ -42,7 +42,7 @@ def test_commit_marker_verification_and_fallback(process_group, tmp_path):
     assert newest is not None and newest.step == 20
     assert read_trainer_state(newest)["step"] == 20
     restored = load_checkpoint_model(newest, tmp_path / "cache")
-    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), m2.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), m2.state_dict().values(), strict=True))
 
     # a half-written step (no commit marker) is never picked
     (Path(step_uri(str(run), 30))).mkdir()
@@ -59,7 +59,7 @@ def test_commit_marker_verification_and_fallback(process_group, tmp_path):
     assert fallback.step == 10
     assert skipped and "sha256" in skipped[0][1]
     restored = load_checkpoint_model(fallback, tmp_path / "cache")
-    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), m1.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), m1.state_dict().values(), strict=True))
 
     commit = json.loads((Path(step_uri(str(run), 10)) / COMMIT_FILE).read_text())
     assert commit["step"] == 10 and "trainer.json" in commit["files"] and ".metadata" in commit["files"]

@@ -1,0 +1,158 @@
+"""opt.storage against S3 over real HTTP.
+
+No S3 is reachable from here, so moto's server mode stands in for it: boto3 talks to it through the
+same endpoint override (`OPT_S3_ENDPOINT_URL`) that MinIO or any S3-compatible store would use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from opt import storage
+from opt.storage import StorageError
+
+BUCKET = "opt-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh, empty bucket on the moto server; yields its `s3://` URI."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("OPT_S3_ENDPOINT_URL", s3_endpoint)
+    storage._s3_client.cache_clear()  # clients are cached per endpoint; never reuse one across tests
+    client = storage.s3_client()
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield f"s3://{BUCKET}"
+    finally:
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+        for key in keys:
+            client.delete_object(Bucket=BUCKET, Key=key)
+        client.delete_bucket(Bucket=BUCKET)
+        storage._s3_client.cache_clear()
+
+
+def test_write_then_read_returns_the_same_bytes_and_hashlib_sha256(bucket: str) -> None:
+    uri = storage.join(bucket, "runs", "r1", "blob.bin")
+    data = os.urandom(5000)
+
+    info = storage.write_bytes(uri, data)
+
+    assert storage.read_bytes(uri) == data
+    assert (info.uri, info.size, info.sha256) == (uri, len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_writes_record_the_sha256_as_object_metadata(bucket: str, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"uploaded file")
+    storage.write_bytes(f"{bucket}/a", b"written bytes")
+    storage.put_file(src, f"{bucket}/b")
+
+    client = storage.s3_client()
+    assert client.head_object(Bucket=BUCKET, Key="a")["Metadata"]["sha256"] == hashlib.sha256(b"written bytes").hexdigest()
+    assert client.head_object(Bucket=BUCKET, Key="b")["Metadata"]["sha256"] == hashlib.sha256(b"uploaded file").hexdigest()
+
+
+def test_write_replaces_an_existing_object(bucket: str) -> None:
+    uri = f"{bucket}/obj"
+    storage.write_bytes(uri, b"old")
+    storage.write_text(uri, "new")
+    assert storage.read_text(uri) == "new"
+    assert storage.stat(uri).sha256 == hashlib.sha256(b"new").hexdigest()
+
+
+def test_put_file_and_get_file_copy_bytes(bucket: str, tmp_path: Path) -> None:
+    data = os.urandom(storage.CHUNK + 777)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+
+    info = storage.put_file(src, f"{bucket}/ckpt/model.safetensors")
+    out = storage.get_file(info.uri, tmp_path / "download" / "model.safetensors")
+
+    assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert out.read_bytes() == data
+    assert [p.name for p in out.parent.iterdir()] == ["model.safetensors"]  # no temp file left behind
+
+
+def test_list_files_returns_sorted_uris_under_a_prefix_only(bucket: str) -> None:
+    for key in ("runs/r1/b", "runs/r1/a", "runs/r1/sub/c", "runs/r10/x", "top"):
+        storage.write_bytes(f"{bucket}/{key}", b".")
+
+    # `runs/r1` is a directory-like prefix: `runs/r10/x` is not under it.
+    assert storage.list_files(f"{bucket}/runs/r1") == [f"{bucket}/runs/r1/a", f"{bucket}/runs/r1/b", f"{bucket}/runs/r1/sub/c"]
+    assert storage.list_files(f"{bucket}/runs/r1/") == storage.list_files(f"{bucket}/runs/r1")
+    assert len(storage.list_files(bucket)) == 5
+    assert storage.list_files(f"{bucket}/nothing") == []
+
+
+def test_exists_and_delete_of_objects_and_prefixes(bucket: str) -> None:
+    storage.write_bytes(f"{bucket}/one", b"1")
+    storage.write_bytes(f"{bucket}/tree/x", b"x")
+    storage.write_bytes(f"{bucket}/tree/sub/y", b"y")
+    storage.write_bytes(f"{bucket}/tree-sibling", b"z")
+
+    assert storage.exists(f"{bucket}/one")
+    assert not storage.exists(f"{bucket}/missing")
+    storage.delete(f"{bucket}/one")
+    assert not storage.exists(f"{bucket}/one")
+    storage.delete(f"{bucket}/tree")  # everything under the prefix goes
+    assert storage.list_files(bucket) == [f"{bucket}/tree-sibling"]
+    storage.delete(f"{bucket}/never-existed")  # missing targets are fine
+
+
+def test_stat_reports_size_and_the_recorded_sha256(bucket: str) -> None:
+    uri = f"{bucket}/obj"
+    written = storage.write_bytes(uri, b"hello world")
+    assert storage.stat(uri) == written
+
+
+def test_stat_computes_the_sha256_when_no_metadata_was_recorded(bucket: str) -> None:
+    # Objects uploaded by other tools carry no sha256 metadata.
+    storage.s3_client().put_object(Bucket=BUCKET, Key="foreign", Body=b"from elsewhere")
+    info = storage.stat(f"{bucket}/foreign")
+    assert (info.size, info.sha256) == (14, hashlib.sha256(b"from elsewhere").hexdigest())
+
+
+def test_missing_objects_raise_storage_error_naming_the_uri(bucket: str, tmp_path: Path) -> None:
+    uri = f"{bucket}/missing"
+    with pytest.raises(StorageError, match=uri):
+        storage.read_bytes(uri)
+    with pytest.raises(StorageError, match=uri):
+        storage.stat(uri)
+    with pytest.raises(StorageError, match=uri):
+        storage.get_file(uri, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # the failed download left no temp file
+
+
+def test_a_uri_without_a_bucket_is_rejected() -> None:
+    with pytest.raises(StorageError, match="bucket"):
+        storage.read_bytes("s3:///key")
