@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from opt.errors import OptError
 from opt.model.config import PRESETS, OPTConfig
+from opt.storage import is_uri
 
 
 class ConfigError(OptError, ValueError):
@@ -188,7 +189,7 @@ class RunConfig(Section):
         """The same config with relative local paths made absolute against `base` (Ray workers run elsewhere)."""
 
         def path(uri: str) -> str:
-            return uri if "://" in uri or Path(uri).is_absolute() else str((base / uri).resolve())
+            return uri if is_uri(uri) or Path(uri).is_absolute() else str((base / uri).resolve())
 
         def sqlite(url: str) -> str:
             prefix = "sqlite:///"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ class ObjectInfo:
     uri: str
     size: int
     sha256: str
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # 2+ letters: `C:` is a drive, not a scheme
+
+
+def is_uri(location: str) -> bool:
+    """True for `scheme:...` locations (s3://, http://, mlflow-artifacts:/), False for local paths."""
+    return bool(_SCHEME.match(location))
 
 
 def is_s3(uri: str) -> bool:

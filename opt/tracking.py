@@ -32,7 +32,9 @@ def get_or_create_experiment(tracking_uri: str, experiment: str, artifact_root: 
     exp = c.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
-    location = artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+    from opt.storage import is_uri
+
+    location = artifact_root if is_uri(artifact_root) else Path(artifact_root).resolve().as_uri()
     return c.create_experiment(experiment, artifact_location=f"{location.rstrip('/')}/{experiment}")
 
 

@@ -41,3 +41,15 @@ def test_model_info_175b(capsys):
     assert "96 layers" in out and "TP 8 x DP 124" in out
     params = int(next(line for line in out.splitlines() if line.startswith("parameters")).split()[1].replace(",", ""))
     assert 174e9 < params < 176e9
+
+
+def test_importing_the_library_and_cli_loads_no_heavy_library():
+    code = (
+        "import sys, opt, opt.config, opt.storage, opt.cli, opt.access; "
+        "opt.cli.build_parser(); "
+        "heavy = [m for m in ('torch', 'ray', 'mlflow', 'prefect', 'boto3', 'transformers') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""

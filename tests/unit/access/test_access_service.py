@@ -330,9 +330,8 @@ def test_schema_compiles_for_postgresql() -> None:
     assert "TIMESTAMP WITH TIME ZONE" in ddl and "BIGINT" in ddl and "UNIQUE (open_key)" in ddl
 
 
-@pytest.mark.skipif(not os.environ.get("OPT_TEST_POSTGRES_URL"), reason="set OPT_TEST_POSTGRES_URL to run against PostgreSQL")
-def test_workflow_on_postgresql(clock: FakeClock) -> None:
-    svc = AccessService(os.environ["OPT_TEST_POSTGRES_URL"], SECRET, clock=clock)
+def test_workflow_on_postgresql(clock: FakeClock, postgres_url: str) -> None:
+    svc = AccessService(postgres_url, SECRET, clock=clock)
     requester = f"alice-{uuid.uuid4().hex[:8]}"  # the database outlives the test
     grant = _grant(svc, requester=requester)
     link = svc.issue_link(grant.id, requester)
