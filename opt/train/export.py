@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from opt.model import OPT, OPTConfig
@@ -15,7 +16,10 @@ def load_checkpoint_model(ckpt: CommittedCheckpoint, cache_dir: str | Path) -> O
 
     model = OPT(OPTConfig.from_dict(read_trainer_state(ckpt)["model"]))
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(local_copy(ckpt, cache_dir)))
+    with warnings.catch_warnings():
+        # loading without a process group is exactly the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(local_copy(ckpt, cache_dir)))
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -49,6 +49,8 @@ def train_worker(payload: dict[str, Any]) -> None:
 
     from opt.tracking import MetricsBuffer
 
+    # Ray forwards worker logging once (printed lines twice), so progress goes through logging
+    logging.getLogger("opt").setLevel(logging.INFO)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = RunConfig.model_validate(payload["config"])
@@ -110,7 +112,7 @@ def train_worker(payload: dict[str, Any]) -> None:
         if metrics is not None:
             metrics.log(last, step + 1)
             if (step + 1) % 10 == 0 or step == start:
-                print(f"step {step + 1}/{t.max_steps} loss {last['loss']:.4f} lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s", flush=True)
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, t.max_steps, last["loss"], lr, last["tokens_per_s"])
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             trainer_state = {"step": step + 1, "seed": t.seed, "dataset_id": manifest.dataset_id, "model": model_cfg.to_dict()}
