@@ -32,7 +32,8 @@ run: install
 	$(BIN)/optctl pipeline run --config $(CONFIG)
 	$(BIN)/optctl access demo --config $(CONFIG)
 
-test: install
+# Lint and type checks run first: CI checks them with every test run.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
