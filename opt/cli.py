@@ -39,14 +39,30 @@ def _print_json(obj: Any) -> None:
 
 def cmd_data_prep(args: argparse.Namespace) -> None:
     from opt import stages
+    from opt.data.config import parse_source_spec
 
+    if args.source:
+        taken: set[str] = set()
+        try:
+            specs = [parse_source_spec(s, taken) for s in args.source]
+        except ValueError as e:
+            raise OptError(str(e)) from None
+        args.overrides.append(f"data.sources={json.dumps(specs)}")
+    if args.out:
+        args.overrides.append(f"storage.root={args.out}")
+    if args.workers is not None:
+        args.overrides.append(f"data.workers={args.workers}")
     cfg = _load(args)
-    manifest, reused = stages.prepare_data(cfg)
+    manifest, reused = stages.prepare_data(cfg, progress=not args.no_progress and sys.stderr.isatty())
     print(f"dataset {manifest.dataset_id} {'(reused)' if reused else '(prepared)'}: {manifest.uri}")
-    print(f"{'source':<24} {'docs in':>8} {'dropped':>8} {'dups':>6} {'train tok':>10} {'valid tok':>10}")
+    header = ("source", "docs in", "dropped", "exact dup", "near dup", "train docs", "valid docs", "train tok", "valid tok")
+    print(f"{header[0]:<20}" + "".join(f"{h:>12}" for h in header[1:]))
     for name, s in manifest.sources.items():
-        print(f"{name:<24} {s.docs_in:>8} {sum(s.dropped.values()):>8} {s.exact_duplicates + s.near_duplicates:>6} "
-              f"{s.train_tokens:>10} {s.valid_tokens:>10}")  # fmt: skip
+        row = (s.docs_in, sum(s.dropped.values()), s.exact_duplicates, s.near_duplicates, s.train_docs, s.valid_docs,
+               s.train_tokens, s.valid_tokens)  # fmt: skip
+        print(f"{name:<20}" + "".join(f"{v:>12,}" for v in row))
+        if s.dropped:
+            print(f"{'':<20}  dropped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(s.dropped.items())))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -180,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("prep", help="clean, deduplicate, tokenize and pack the configured sources")
     _config_args(p)
+    p.add_argument("--source", action="append", default=[], metavar="[NAME=]KIND:URI",
+                   help="replace the configured sources: pile:URI, reddit:URI or text:URI (repeatable)")  # fmt: skip
+    p.add_argument("--out", help="store URI the dataset goes under (<out>/datasets/<id>/); default storage.root")
+    p.add_argument("--workers", type=int, help="processes (default: data.workers, 0 = one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_data_prep)
 
     p = sub.add_parser("train", help="start or resume a training run on Ray")

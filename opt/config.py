@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from opt.data.config import DataConfig
 from opt.errors import OptError
 from opt.model.config import PRESETS, OPTConfig
 from opt.storage import is_uri
@@ -41,43 +42,6 @@ class TrackingConfig(Section):
     """MLflow experiment that training, evaluation and registration runs go to."""
     artifact_root: str = ".opt/mlartifacts"
     """Where a newly created experiment stores artifacts: a local path or `s3://...`."""
-
-
-class SourceConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """Source name used in the manifest and the validation split (e.g. `pile-cc`)."""
-    kind: Literal["jsonl", "text"] = "jsonl"
-    """`jsonl`: Pile-style lines with `text`; `text`: a file or directory of .txt files, one document each."""
-    uri: str
-    """Local path or `s3://` URI of the file or directory."""
-
-
-class TokenizerConfig(Section):
-    vocab_size: int = Field(2048, ge=260, le=65536)
-    """Byte-level BPE vocabulary before padding to a multiple of 8 (OPT: 50265 -> 50272)."""
-    min_frequency: int = Field(2, ge=1)
-    """Minimum pair count for a BPE merge."""
-
-
-class DataConfig(Section):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(name="python-docs", uri="data/sample/python-docs.jsonl")])
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    seq_len: int = Field(128, ge=8)
-    """Training sequence length; shards are read in windows of seq_len + 1 tokens."""
-    valid_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    """Share of each source's documents held out for validation (chosen by document hash)."""
-    min_chars: int = Field(64, ge=1)
-    """Documents shorter than this after cleaning are dropped (counted as `too_short`)."""
-
-    @field_validator("sources")
-    @classmethod
-    def _unique_sources(cls, v: list[SourceConfig]) -> list[SourceConfig]:
-        names = [s.name for s in v]
-        if not v:
-            raise ValueError("at least one source is required")
-        if len(set(names)) != len(names):
-            raise ValueError(f"source names must be unique, got {names}")
-        return v
 
 
 class ModelSection(Section):

@@ -35,10 +35,10 @@ class PipelineSummary:
     registration: Registration
 
 
-def prepare_data(cfg: RunConfig) -> tuple[DatasetManifest, bool]:
+def prepare_data(cfg: RunConfig, progress: bool = False) -> tuple[DatasetManifest, bool]:
     from opt.data.prep import prepare_dataset
 
-    return prepare_dataset(cfg.data, cfg.storage.root)
+    return prepare_dataset(cfg.data, cfg.storage.root, progress=progress)
 
 
 def find_dataset(cfg: RunConfig) -> DatasetManifest:

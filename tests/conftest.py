@@ -33,6 +33,14 @@ def write_jsonl(path: Path, records: list[dict | str]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def opt_home(tmp_path_factory):
+    """Scratch space (`OPT_HOME`: work dirs, caches, secrets) under the session's tmp dir, not the checkout."""
+    home = tmp_path_factory.mktemp("opt-home")
+    os.environ["OPT_HOME"] = str(home)
+    return home
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session (2 CPUs: this machine's size)."""

@@ -1,8 +1,7 @@
-"""Text normalisation and the document filters, each drop counted by reason."""
+"""Text normalisation applied to every document before filtering and deduplication."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 
@@ -18,8 +17,3 @@ def normalize(text: str) -> str:
     text = _CONTROL.sub("", text)
     text = _TRAILING_SPACE.sub("\n", text)
     return _BLANK_LINES.sub("\n\n", text).strip()
-
-
-def content_hash(text: str) -> str:
-    """Exact-duplicate key: sha256 of the normalised text with whitespace runs collapsed and lowercased."""
-    return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()

@@ -29,37 +29,89 @@ def open_tokens(manifest: DatasetManifest, rel: str, cache_dir: str | Path, veri
     return np.memmap(path, dtype=manifest.token_dtype, mode="r")
 
 
-class TrainBatches:
-    """Non-overlapping windows of seq_len + 1 tokens, shuffled per epoch, split across ranks."""
+BLOCK = 1000  # samples per mixing block: each block holds every source in its weighted share
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, rank: int, world: int, seed: int) -> None:
-        self.tokens, self.seq_len, self.micro_batch = tokens, seq_len, micro_batch
+
+def _block_pattern(shares: np.ndarray) -> np.ndarray:
+    """Source index for each of BLOCK slots: largest-remainder counts, spread evenly through the block."""
+    exact = shares / shares.sum() * BLOCK
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[: BLOCK - counts.sum()]] += 1
+    counts[(counts == 0) & (shares > 0)] = 1  # a small source with weight must still be seen
+    while counts.sum() > BLOCK:
+        counts[np.argmax(counts)] -= 1
+    # slot k of source s sits at (k + 0.5) / counts[s] of the way through the block
+    keys = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
+    owners = np.concatenate([np.full(c, s) for s, c in enumerate(counts)])
+    return owners[np.argsort(keys, kind="stable")]
+
+
+class TrainBatches:
+    """Windows of seq_len + 1 tokens from one or more sources, mixed by weight, split across ranks.
+
+    Each source is read in non-overlapping windows, reshuffled every epoch of that source. Sources
+    are mixed in proportion to `weight x windows` (weight 1.0 everywhere: in proportion to size).
+    The window for global sample i is a pure function of (seed, i), so resumed runs read the same data.
+    """
+
+    def __init__(
+        self,
+        sources: np.ndarray | list[tuple[np.ndarray, float]],
+        seq_len: int,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+    ) -> None:
+        if isinstance(sources, np.ndarray):
+            sources = [(sources, 1.0)]
+        self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world, self.seed = rank, world, seed
-        self.n_windows = (len(tokens) - 1) // seq_len
-        if self.n_windows < micro_batch * world:
+        self.tokens = [t for t, _ in sources]
+        self.n_windows = np.array([max(0, (len(t) - 1) // seq_len) for t in self.tokens], dtype=np.int64)
+        shares = np.array([w for _, w in sources], dtype=np.float64) * self.n_windows
+        if self.n_windows.sum() < micro_batch * world or shares.sum() <= 0:
             raise DatasetError(
-                f"the training split has {self.n_windows} windows of {seq_len} tokens, fewer than one global batch "
+                f"the training split has {int(self.n_windows.sum())} windows of {seq_len} tokens, fewer than one global batch "
                 f"({micro_batch} x {world} ranks); lower data.seq_len or train.micro_batch_size"
             )
-        self._perm_epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self.pattern = _block_pattern(shares)
+        # rank of each slot among its source's slots within a block
+        self.slot_rank = np.zeros(BLOCK, dtype=np.int64)
+        self.per_block = np.bincount(self.pattern, minlength=len(self.tokens))
+        seen = np.zeros(len(self.tokens), dtype=np.int64)
+        for k, s in enumerate(self.pattern):
+            self.slot_rank[k] = seen[s]
+            seen[s] += 1
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
-    def _window(self, i: int) -> int:
-        epoch, pos = divmod(i, self.n_windows)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._perm_epoch = epoch
-        return int(self._perm[pos])
+    def _window(self, i: int) -> tuple[int, int]:
+        block, slot = divmod(i, BLOCK)
+        s = int(self.pattern[slot])
+        j = block * int(self.per_block[s]) + int(self.slot_rank[slot])  # j-th sample drawn from source s
+        epoch, pos = divmod(j, int(self.n_windows[s]))
+        perm = self._perms.get((s, epoch))
+        if perm is None:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            perm = self._perms[(s, epoch)] = np.random.default_rng([self.seed, s, epoch]).permutation(int(self.n_windows[s]))
+        return s, int(perm[pos])
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (micro_batch, seq_len), for this rank at `step`."""
         first = (step * self.world + self.rank) * self.micro_batch
         rows = []
         for i in range(first, first + self.micro_batch):
-            start = self._window(i) * self.seq_len
-            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+            s, w = self._window(i)
+            start = w * self.seq_len
+            rows.append(np.asarray(self.tokens[s][start : start + self.seq_len + 1], dtype=np.int64))
         block = torch.from_numpy(np.stack(rows))
         return block[:, :-1], block[:, 1:]
+
+
+def open_train_sources(manifest: DatasetManifest, cache_dir: str | Path, verify: bool = True) -> list[tuple[np.ndarray, float]]:
+    """Each source's training token stream with its mixture weight."""
+    return [(open_tokens(manifest, f"train/{name}.bin", cache_dir, verify), manifest.weights.get(name, 1.0)) for name in manifest.sources]
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

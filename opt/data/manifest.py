@@ -10,7 +10,8 @@ from opt import storage
 from opt.errors import OptError
 
 MANIFEST_FILE = "manifest.json"
-TOKEN_DTYPE = "uint16"  # every vocabulary here is < 65536 (OPT's is 50272)
+TOKEN_DTYPE = "uint16"  # vocabularies up to 65536 (OPT's is 50272); uint32 beyond
+SHARD_FORMAT = "megatron-mmidx/1"
 
 
 class DatasetError(OptError):
@@ -46,7 +47,10 @@ class DatasetManifest:
     """Relative path -> {size, sha256} for every file the dataset holds."""
     config: dict[str, Any]
     token_dtype: str = TOKEN_DTYPE
-    created_at: str = ""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Mixture weight per source (1.0: sampled in proportion to its tokens)."""
+    format: str = SHARD_FORMAT
+    """Shards are Megatron-LM indexed datasets: `<split>/<source>.bin` (tokens) + `.idx`."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from opt.config import RunConfig
-from opt.data.loader import TrainBatches, open_tokens
+from opt.data.loader import TrainBatches, open_train_sources
 from opt.data.manifest import DatasetManifest
 from opt.logbook import Logbook
 from opt.model import OPT
@@ -78,8 +78,7 @@ def train_worker(payload: dict[str, Any]) -> None:
         if rank == 0:
             logbook.append("resumed", step=start, checkpoint=ckpt.uri, world_size=world)
 
-    tokens = open_tokens(manifest, "train/tokens.bin", payload["cache_dir"])
-    batches = TrainBatches(tokens, manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
+    batches = TrainBatches(open_train_sources(manifest, payload["cache_dir"]), manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
     metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"]) if rank == 0 else None
     flops_per_token = train_flops_per_token(model_cfg, manifest.seq_len)
     tokens_per_step = t.micro_batch_size * manifest.seq_len * world

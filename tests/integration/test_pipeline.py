@@ -26,7 +26,7 @@ def overrides(root: Path, **extra: object) -> list[str]:
         "tracking.artifact_root": root / "mlartifacts",
         "tracking.experiment": "it",
         "access.db_url": f"sqlite:///{root / 'access.db'}",
-        "data.sources": json.dumps([{"name": "python-docs", "kind": "jsonl", "uri": str(SAMPLE)}]),
+        "data.sources": json.dumps([{"name": "python-docs", "kind": "pile", "uri": str(SAMPLE)}]),
         "train.run": "it",
         "train.max_steps": 10,
         "train.checkpoint_every": 5,

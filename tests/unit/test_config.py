@@ -61,7 +61,7 @@ def test_yaml_file_then_overrides_applied_in_order(tmp_path: Path) -> None:
     assert cfg.train.betas == (0.9, 0.98)
     assert cfg.model.preset == "125m"  # `OPT-125M` normalised
     assert cfg.model.overrides == {"dropout": 0.0, "activation_checkpointing": True}
-    assert [(s.name, s.kind) for s in cfg.data.sources] == [("a", "jsonl"), ("b", "text")]
+    assert [(s.name, s.kind) for s in cfg.data.sources] == [("a", "pile"), ("b", "text")]
     assert cfg.registry.gate.max_perplexity == 50
     assert cfg.train.run == "second"
     built = cfg.model.build(vocab_size=2048, seq_len=64)

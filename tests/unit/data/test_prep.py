@@ -8,6 +8,7 @@ import pytest
 from opt import storage
 from opt.config import load_config
 from opt.data.clean import normalize
+from opt.data.indexed import IndexedDataset
 from opt.data.manifest import load_manifest
 from opt.data.prep import prepare_dataset
 from opt.data.sources import SourceError
@@ -59,15 +60,21 @@ def test_prepares_manifest_tokens_and_quarantine(tmp_path):
     quarantined = [json.loads(x) for x in storage.read_text(manifest.file_uri("quarantine/a.jsonl")).splitlines()]
     assert {q["reason"] for q in quarantined} == {"invalid_json", "missing_text", "invalid_utf8"}
     assert all(q["line"] >= 1 and q["file"] for q in quarantined)
-    # tokens: uint16, documents separated by </s>, count matches the manifest, vocab padded to 8
-    tokens = np.fromfile(manifest.file_uri("train/tokens.bin"), dtype=np.uint16)
-    assert tokens.size == a.train_tokens + manifest.sources["books"].train_tokens
-    assert (tokens == EOS_ID).sum() == a.train_docs + manifest.sources["books"].train_docs
-    assert manifest.vocab_size % 8 == 0 and tokens.max() < manifest.vocab_size
+    # Megatron shards per source: documents separated by </s>, sequences of seq_len, vocab padded to 8
+    assert manifest.vocab_size % 8 == 0 and manifest.format == "megatron-mmidx/1"
     tok = load_tokenizer(manifest.file_uri("tokenizer/tokenizer.json"))
     assert [tok.token_to_id(t) for t in ("<s>", "<pad>", "</s>", "<unk>")] == [0, 1, 2, 3]
-    first_doc = tokens[: int(np.argmax(tokens == EOS_ID))]
-    assert "quick brown fox" in tok.decode(first_doc.tolist())
+    for name in ("a", "books"):
+        shard = IndexedDataset(manifest.file_uri(f"train/{name}"))
+        tokens = shard.tokens()
+        st = manifest.sources[name]
+        assert tokens.size == st.train_tokens and (tokens == EOS_ID).sum() == st.train_docs
+        assert tokens.max() < manifest.vocab_size
+        assert all(n == cfg.data.seq_len for n in shard.sizes[:-1]) and 0 < shard.sizes[-1] <= cfg.data.seq_len
+        first_doc = tokens[: int(np.argmax(tokens == EOS_ID))]
+        assert ("quick brown fox" if name == "a" else "lazy dog") in tok.decode(first_doc.tolist())
+        valid = IndexedDataset(manifest.file_uri(f"valid/{name}"))
+        assert valid.num_tokens == st.valid_tokens > 0
 
 
 def test_rerun_reuses_dataset_and_id_depends_on_content(tmp_path):
