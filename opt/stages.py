@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opt import storage
 from opt.config import RunConfig
 from opt.data.manifest import DatasetManifest, load_manifest
 from opt.errors import OptError
-from opt.eval.perplexity import EVAL_FILE, EvalReport
-from opt.registry.mlflow_registry import Registration
+from opt.eval.report import EVAL_FILE, EvalReport
 from opt.train.checkpoint import CommittedCheckpoint, latest_committed, step_uri, verify
 from opt.train.job import RUN_FILE, TrainResult, run_uri, work_dir
+
+if TYPE_CHECKING:  # torch and mlflow load only when a stage needs them
+    from opt.registry.mlflow_registry import Registration
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -124,9 +125,13 @@ def _training_sample(work: WorkDir, units: list[Unit], limit: int) -> Iterator[s
             rank += 1
 
 
-def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.ndarray) -> tuple[Path, int]:
-    """GPT-2 BPE from the given vocab/merges, or one trained on the corpus; returns (path, padded vocab)."""
-    from opt.data.tokenizer import from_gpt2_files, load_tokenizer, train_tokenizer
+def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.ndarray) -> tuple[Path, int, str]:
+    """GPT-2 BPE from the given vocab/merges, or one trained on the corpus.
+
+    Returns (path, padded vocab, engine): the engine that encodes the corpus, `tiktoken` when it was
+    shown to give HF tokenizers' ids on a sample of the corpus, else `hf`.
+    """
+    from opt.data.tokenizer import BatchEncoder, from_gpt2_files, load_tokenizer, train_tokenizer
 
     path = work.path("tokenizer", TOKENIZER_FILE)
     done = work.is_done("tokenizer", "all")
@@ -137,9 +142,12 @@ def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets:
         else:
             tok = train_tokenizer(_training_sample(work, units, t.train_docs), t.vocab_size, t.min_frequency)
         path.write_text(tok.to_str())
-        done = work.mark_done("tokenizer", "all", [path], {"vocab_size": padded_vocab_size(tok.get_vocab_size())})
+        encoder = BatchEncoder(str(path))
+        encoder.verify(list(itertools.islice(_training_sample(work, units, 500), 500)))
+        result = {"vocab_size": padded_vocab_size(tok.get_vocab_size()), "engine": encoder.engine}
+        done = work.mark_done("tokenizer", "all", [path], result)
     load_tokenizer(str(path))  # fail here, not in a worker, if the file is unreadable
-    return path, int(done["result"]["vocab_size"])
+    return path, int(done["result"]["vocab_size"]), str(done["result"]["engine"])
 
 
 def pack_source(work: WorkDir, source: str, units: list[Unit], seq_len: int, token_dtype: str) -> None:
@@ -205,7 +213,7 @@ def publish(
         inputs=inputs,
         sources=stats,
         files=files,
-        config=data.model_dump(mode="json"),
+        config=data.model_dump(mode="json", exclude={"workers"}),  # how fast it was built is not what was built
         token_dtype=token_dtype,
         weights={s.name: s.weight for s in data.sources},
     )

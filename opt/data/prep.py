@@ -204,13 +204,21 @@ class DatasetBuild:
     def tokenizer(self) -> None:
         from opt.data.build import build_tokenizer
 
-        self.tokenizer_path, self.vocab = build_tokenizer(self.work, self.data, self.units, self.offsets)
+        self.tokenizer_path, self.vocab, self.engine = build_tokenizer(self.work, self.data, self.units, self.offsets)
         self.token_dtype = "uint16" if self.vocab <= 65536 else "uint32"
 
     def tokenize(self, source: str) -> None:
         root, index = str(self.work.root), {u.id: k for k, u in enumerate(self.units)}
         units = [u for u in self.units if u.source == source]
-        args = lambda u: (root, u.id, str(self.tokenizer_path), int(self.offsets[index[u.id]]), self.kept[index[u.id]], self.token_dtype)  # noqa: E731
+        args = lambda u: (  # noqa: E731
+            root,
+            u.id,
+            str(self.tokenizer_path),
+            self.engine,
+            int(self.offsets[index[u.id]]),
+            self.kept[index[u.id]],
+            self.token_dtype,
+        )
         for r in run_units(f"tokenize {source}", units, tokenize_unit, args, self.data.num_workers, self.progress):
             st = self.stats[source]
             for k in ("train_docs", "valid_docs", "train_tokens", "valid_tokens"):

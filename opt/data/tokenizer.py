@@ -74,3 +74,62 @@ def load_tokenizer(path: str) -> Any:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(path)
+
+
+# GPT-2's pre-tokenizer pattern, which HF's ByteLevel(use_regex=True) applies too.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes (printable stand-ins for the 256 byte values)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class BatchEncoder:
+    """Encodes documents to ids with the dataset tokenizer, through tiktoken's BPE where it gives the same ids.
+
+    tiktoken's byte-pair merge loop is about 3x faster per core than HF tokenizers' here. Both apply
+    merges by rank, and our vocabularies are rank-ordered (ids follow merge order), so they agree;
+    `verify` proves it on a sample before tiktoken is trusted, else HF tokenizers encodes.
+    """
+
+    def __init__(self, tokenizer_json: str, engine: str = "auto") -> None:
+        import json
+
+        self.hf = load_tokenizer(tokenizer_json)
+        self.tiktoken: Any = None
+        if engine in ("auto", "tiktoken"):
+            try:
+                import tiktoken
+            except ImportError:
+                return
+            dec = _byte_decoder()
+            vocab: dict[str, int] = json.loads(self.hf.to_str())["model"]["vocab"]
+            ranks = {bytes(dec[ch] for ch in tok): i for tok, i in vocab.items() if tok not in SPECIAL_TOKENS}
+            self.tiktoken = tiktoken.Encoding("opt-dataset", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+    @property
+    def engine(self) -> str:
+        return "tiktoken" if self.tiktoken is not None else "hf"
+
+    def verify(self, texts: list[str]) -> bool:
+        """Keep tiktoken only if it encodes every sample text exactly as HF tokenizers does."""
+        if self.tiktoken is not None and self.tiktoken.encode_ordinary_batch(texts, num_threads=1) != [
+            e.ids for e in self.hf.encode_batch(texts)
+        ]:
+            self.tiktoken = None
+        return self.tiktoken is not None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.tiktoken is not None:
+            # one thread: parallelism comes from the worker processes
+            return self.tiktoken.encode_ordinary_batch(texts, num_threads=1)
+        return [e.ids for e in self.hf.encode_batch(texts)]

@@ -142,13 +142,15 @@ def read_docs(work: WorkDir, unit_id: str) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-def tokenize_unit(work_root: str, unit_id: str, tokenizer_path: str, offset: int, count: int, token_dtype: str) -> dict[str, Any]:
+def tokenize_unit(
+    work_root: str, unit_id: str, tokenizer_path: str, engine: str, offset: int, count: int, token_dtype: str
+) -> dict[str, Any]:
     """Tokenize a unit's surviving documents into its train and valid token streams.
 
     `offset` is the unit's first global document index; `dedup/keep.u8` and `dedup/split.u8` (0 train,
     1 valid) say which documents survive and where they go.
     """
-    from opt.data.tokenizer import EOS_ID, load_tokenizer
+    from opt.data.tokenizer import EOS_ID, BatchEncoder
 
     work = WorkDir(Path(work_root))
     done = work.is_done("tokenize", unit_id)
@@ -156,7 +158,7 @@ def tokenize_unit(work_root: str, unit_id: str, tokenizer_path: str, offset: int
         return done["result"]
     keep = np.memmap(work.root / "dedup" / "keep.u8", dtype=np.uint8, mode="r")[offset : offset + count]
     split = np.memmap(work.root / "dedup" / "split.u8", dtype=np.uint8, mode="r")[offset : offset + count]
-    tok = load_tokenizer(tokenizer_path)
+    tok = BatchEncoder(tokenizer_path, engine)
     outs = {s: work.path("tokens", f"{unit_id}.{s}.bin") for s in ("train", "valid")}
     result = {"train_docs": 0, "valid_docs": 0, "train_tokens": 0, "valid_tokens": 0}
     with open(outs["train"], "wb") as f_train, open(outs["valid"], "wb") as f_valid:
@@ -164,8 +166,8 @@ def tokenize_unit(work_root: str, unit_id: str, tokenizer_path: str, offset: int
         batch: list[tuple[str, str]] = []
 
         def flush() -> None:
-            for (name, _), enc in zip(batch, tok.encode_batch([t for _, t in batch]), strict=True):
-                ids = np.asarray(enc.ids + [EOS_ID], dtype=token_dtype)
+            for (name, _), ids_list in zip(batch, tok.encode_batch([t for _, t in batch]), strict=True):
+                ids = np.asarray(ids_list + [EOS_ID], dtype=token_dtype)
                 ids.tofile(files[name])
                 result[f"{name}_docs"] += 1
                 result[f"{name}_tokens"] += int(ids.size)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -14,32 +12,12 @@ import torch.nn.functional as F
 from opt import storage
 from opt.data.loader import eval_batches, open_tokens
 from opt.data.manifest import DatasetManifest
+from opt.eval.report import EVAL_FILE, EvalReport
 from opt.model import OPT
 from opt.train.checkpoint import CommittedCheckpoint
 from opt.train.export import load_checkpoint_model
 
 log = logging.getLogger(__name__)
-EVAL_FILE = "eval.json"
-
-
-@dataclass
-class EvalReport:
-    checkpoint: str
-    step: int
-    dataset_id: str
-    loss: float
-    perplexity: float
-    tokens: int
-    per_source: dict[str, dict[str, float]]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    def mlflow_metrics(self) -> dict[str, float]:
-        out = {"eval_loss": self.loss, "eval_perplexity": self.perplexity}
-        for name, m in self.per_source.items():
-            out[f"eval_perplexity.{name}"] = m["perplexity"]
-        return out
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from opt.config import RunConfig
 from opt.data.manifest import DatasetManifest
 from opt.data.tokenizer import TOKENIZER_FILE
 from opt.errors import OptError
-from opt.eval.perplexity import EvalReport
+from opt.eval.report import EvalReport
 from opt.model.checkpoint import load_consolidated
 from opt.model.hf import export_hf
 from opt.model.plan import count_params

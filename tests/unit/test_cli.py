@@ -45,7 +45,7 @@ def test_model_info_175b(capsys):
 
 def test_importing_the_library_and_cli_loads_no_heavy_library():
     code = (
-        "import sys, opt, opt.config, opt.storage, opt.cli, opt.access; "
+        "import sys, opt, opt.config, opt.storage, opt.cli, opt.access, opt.stages, opt.data.prep; "
         "opt.cli.build_parser(); "
         "heavy = [m for m in ('torch', 'ray', 'mlflow', 'prefect', 'boto3', 'transformers') if m in sys.modules]; "
         "print(','.join(heavy))"
