@@ -52,11 +52,14 @@ def data_prep(config_path: str | None = None, overrides: list[str] | None = None
     if existing is not None:
         get_run_logger().info("dataset %s exists at %s: nothing to do", existing.dataset_id, existing.uri)
         return {"dataset_id": existing.dataset_id, "uri": existing.uri, "reused": True}
-    # sources are cleaned one after another: each task already uses every core through its process pool
-    for name in build.sources:
-        clean_source(build, name)
-    deduplicate(build)
-    tokenizer(build)
-    for name in build.sources:
-        tokenize_and_pack(build, name)
-    return publish(build)
+    # sources are cleaned one after another: each task already uses every core through the build's process pool
+    try:
+        for name in build.sources:
+            clean_source(build, name)
+        deduplicate(build)
+        tokenizer(build)
+        for name in build.sources:
+            tokenize_and_pack(build, name)
+        return publish(build)
+    finally:
+        build.close()

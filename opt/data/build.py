@@ -143,7 +143,7 @@ def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets:
             tok = train_tokenizer(_training_sample(work, units, t.train_docs), t.vocab_size, t.min_frequency)
         path.write_text(tok.to_str())
         encoder = BatchEncoder(str(path))
-        encoder.verify(list(itertools.islice(_training_sample(work, units, 500), 500)))
+        encoder.verify(list(itertools.islice(_training_sample(work, units, 200), 200)))
         result = {"vocab_size": padded_vocab_size(tok.get_vocab_size()), "engine": encoder.engine}
         done = work.mark_done("tokenizer", "all", [path], result)
     load_tokenizer(str(path))  # fail here, not in a worker, if the file is unreadable

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import string
+
 from opt.data.config import FilterConfig
+
+_ASCII_ALNUM = (string.ascii_letters + string.digits).encode("ascii")
 
 
 def drop_reason(text: str, f: FilterConfig) -> str | None:
@@ -17,7 +21,8 @@ def drop_reason(text: str, f: FilterConfig) -> str | None:
         return "too_few_words"
     visible = sum(map(len, words))  # characters that are not whitespace
     if visible:
-        alnum = sum(map(str.isalnum, text))
+        # ASCII text (most of it): count letters and digits in C by deleting them from the bytes
+        alnum = n - len(text.encode("ascii").translate(None, _ASCII_ALNUM)) if text.isascii() else sum(map(str.isalnum, text))
         if (visible - alnum) / visible > f.max_symbol_ratio:
             return "symbols"
     lines = [line for line in text.split("\n") if line.strip()]

@@ -108,23 +108,26 @@ class _Progress:
 
 
 def run_units(
-    stage: str, units: list[Unit], fn: Callable[..., dict[str, Any]], args: Callable[[Unit], tuple], workers: int, progress: bool
+    stage: str,
+    units: list[Unit],
+    fn: Callable[..., dict[str, Any]],
+    args: Callable[[Unit], tuple],
+    pool: ProcessPoolExecutor | None,
+    progress: bool,
 ) -> list[dict[str, Any]]:
-    """`fn(*args(unit))` for every unit, in worker processes when workers > 1; results in unit order."""
+    """`fn(*args(unit))` for every unit, in `pool`'s worker processes if given; results in unit order."""
     bar = _Progress(stage, sum(u.size for u in units), len(units), progress)
     results: list[dict[str, Any]] = []
     try:
-        if workers <= 1 or len(units) <= 1:
+        if pool is None or len(units) <= 1:
             for u in units:
                 results.append(fn(*args(u)))
                 bar.update(u.size, results[-1].get("docs_in", 0))
             return results
-        # spawn, not fork: the caller may hold threads (Prefect, Ray) that a fork would copy mid-flight
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures: list[Future[dict[str, Any]]] = [pool.submit(fn, *args(u)) for u in units]
-            for u, fut in zip(units, futures, strict=True):
-                results.append(fut.result())
-                bar.update(u.size, results[-1].get("docs_in", 0))
+        futures: list[Future[dict[str, Any]]] = [pool.submit(fn, *args(u)) for u in units]
+        for u, fut in zip(units, futures, strict=True):
+            results.append(fut.result())
+            bar.update(u.size, results[-1].get("docs_in", 0))
         return results
     finally:
         bar.close()
@@ -149,6 +152,20 @@ class DatasetBuild:
         self.kept: list[int] = []
         self.extra_quarantine: dict[str, list[Path]] = {s.name: [] for s in data.sources}
         self.offsets = np.zeros(1, dtype=np.int64)
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def pool(self) -> ProcessPoolExecutor | None:
+        """Worker processes shared by every stage (starting them costs a second or more each time)."""
+        if self._pool is None and self.data.num_workers > 1:
+            # spawn, not fork: the caller may hold threads (Prefect, Ray) that a fork would copy mid-flight
+            self._pool = ProcessPoolExecutor(max_workers=self.data.num_workers, mp_context=get_context("spawn"))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def existing(self) -> DatasetManifest | None:
         """The finished dataset, if this exact build was published before."""
@@ -171,7 +188,7 @@ class DatasetBuild:
         parts = [Unit(f"{source}.p{k:05d}", source, "reddit-partition", (i["uri"],), i["size"]) for k, i in enumerate(files)]
         root = str(self.work.root)
         results = run_units(f"partition {source}", parts, partition_unit, lambda u: (root, u, self.data.reddit_buckets),
-                            self.data.num_workers, self.progress)  # fmt: skip
+                            self.pool, self.progress)  # fmt: skip
         for r in results:
             self._count(source, r)
             self.extra_quarantine[source].append(self.work.root / r["rejected_file"])
@@ -183,7 +200,7 @@ class DatasetBuild:
         src, root = self.sources[source], str(self.work.root)
         filters, dedup = self.data.filters_for(src), self.data.dedup
         results = run_units(f"clean {source}", units, clean_unit, lambda u: (root, u, src, filters, dedup),
-                            self.data.num_workers, self.progress)  # fmt: skip
+                            self.pool, self.progress)  # fmt: skip
         for r in results:
             self._count(source, r)
         self.units += units
@@ -219,7 +236,7 @@ class DatasetBuild:
             self.kept[index[u.id]],
             self.token_dtype,
         )
-        for r in run_units(f"tokenize {source}", units, tokenize_unit, args, self.data.num_workers, self.progress):
+        for r in run_units(f"tokenize {source}", units, tokenize_unit, args, self.pool, self.progress):
             st = self.stats[source]
             for k in ("train_docs", "valid_docs", "train_tokens", "valid_tokens"):
                 setattr(st, k, getattr(st, k) + r[k])
@@ -245,11 +262,14 @@ def prepare_dataset(
     if existing is not None:
         log.info("dataset %s already prepared at %s; reusing it", build.id, build.uri)
         return existing, True
-    for name in build.sources:
-        build.clean(name)
-    build.dedup()
-    build.tokenizer()
-    for name in build.sources:
-        build.tokenize(name)
-        build.pack(name)
-    return build.publish(), False
+    try:
+        for name in build.sources:
+            build.clean(name)
+        build.dedup()
+        build.tokenizer()
+        for name in build.sources:
+            build.tokenize(name)
+            build.pack(name)
+        return build.publish(), False
+    finally:
+        build.close()
