@@ -51,6 +51,56 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """One S3 endpoint on 127.0.0.1 for the session.
+
+    No S3 is reachable from here, so moto's server mode stands in for it, over real HTTP, through the
+    same endpoint override (`OPT_S3_ENDPOINT_URL`) that MinIO or any S3-compatible store would use.
+    It is no proof of access control (it accepts expired presigned URLs): the platform's gate is tested
+    on its own.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_buckets(s3_endpoint, monkeypatch):
+    """`make(name) -> "s3://name"`: fresh buckets on the session's endpoint, emptied and removed after the test."""
+    from opt import storage
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "OPT_S3_ENDPOINT_URL": s3_endpoint}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    storage._s3_client.cache_clear()  # clients are cached per endpoint; never reuse one across tests
+    client = storage.s3_client()
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        client.create_bucket(Bucket=name)
+        made.append(name)
+        return f"s3://{name}"
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for obj in page.get("Contents", []):
+                    client.delete_object(Bucket=name, Key=obj["Key"])
+            client.delete_bucket(Bucket=name)
+        storage._s3_client.cache_clear()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

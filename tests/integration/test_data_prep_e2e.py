@@ -17,12 +17,11 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -564,33 +563,13 @@ def test_a_missing_source_fails_the_run_with_one_line_naming_it(tmp_path: Path) 
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """An S3 endpoint on 127.0.0.1 with buckets `opt-in` and `opt-out` (S3 names need 3+ characters); yields the boto3 client.
+def s3(s3_buckets) -> Any:
+    """Buckets `opt-in` and `opt-out` (S3 names need 3+ characters) on the session's endpoint; the boto3 client."""
+    from opt import storage
 
-    No S3 is reachable from here, so moto's server mode stands in for it, over real HTTP, through the same
-    endpoint override (`OPT_S3_ENDPOINT_URL`) that MinIO or any S3-compatible store would use.
-    """
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "OPT_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    storage._s3_client.cache_clear()  # clients are cached per endpoint
-    try:
-        client = storage.s3_client()
-        client.create_bucket(Bucket="opt-in")
-        client.create_bucket(Bucket="opt-out")
-        yield client
-    finally:
-        storage._s3_client.cache_clear()
-        server.stop()
+    s3_buckets("opt-in")
+    s3_buckets("opt-out")
+    return storage.s3_client()
 
 
 def test_s3_inputs_and_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3: Any, capsys) -> None:

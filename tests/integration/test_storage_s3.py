@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,45 +18,10 @@ from opt.storage import StorageError
 BUCKET = "opt-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh, empty bucket on the moto server; yields its `s3://` URI."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("OPT_S3_ENDPOINT_URL", s3_endpoint)
-    storage._s3_client.cache_clear()  # clients are cached per endpoint; never reuse one across tests
-    client = storage.s3_client()
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield f"s3://{BUCKET}"
-    finally:
-        keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
-        for key in keys:
-            client.delete_object(Bucket=BUCKET, Key=key)
-        client.delete_bucket(Bucket=BUCKET)
-        storage._s3_client.cache_clear()
+def bucket(s3_buckets) -> str:
+    """A fresh, empty bucket on the session's S3 endpoint (tests/conftest.py); yields its `s3://` URI."""
+    return s3_buckets(BUCKET)
 
 
 def test_write_then_read_returns_the_same_bytes_and_hashlib_sha256(bucket: str) -> None:

@@ -54,3 +54,28 @@ def test_lr_schedule_warmup_then_linear_decay_to_ten_percent():
     assert lrs[60] == pytest.approx(0.55)
     assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+def test_sources_are_mixed_by_weight_times_size():
+    small = np.full(10_001, 1, dtype=np.uint16)  # 1,000 windows of 10 tokens
+    large = np.full(40_001, 2, dtype=np.uint16)  # 4,000 windows
+    natural = TrainBatches([(small, 1.0), (large, 1.0)], seq_len=10, micro_batch=50, rank=0, world=1, seed=0)
+    upsampled = TrainBatches([(small, 4.0), (large, 1.0)], seq_len=10, micro_batch=50, rank=0, world=1, seed=0)
+
+    def share_of_small(batches: TrainBatches) -> float:
+        firsts = torch.cat([batches.batch(step)[0][:, 0] for step in range(40)])  # 2,000 samples = 2 blocks
+        return float((firsts == 1).float().mean())
+
+    assert share_of_small(natural) == pytest.approx(0.2, abs=0.01)  # in proportion to size
+    assert share_of_small(upsampled) == pytest.approx(0.5, abs=0.01)  # 4 x 1,000 vs 1 x 4,000
+
+
+def test_weighted_mixing_covers_each_source_without_repeats_within_an_epoch():
+    a = np.arange(1001, dtype=np.uint16)  # 100 windows, each window's first token is unique
+    b = np.arange(2001, dtype=np.uint16) + 5000
+    batches = TrainBatches([(a, 1.0), (b, 1.0)], seq_len=10, micro_batch=10, rank=0, world=1, seed=3)
+    starts = torch.cat([batches.batch(step)[0][:, 0] for step in range(30)]).tolist()  # 300 samples = one epoch of each
+    from_a = [s for s in starts if s < 5000]
+    assert len(from_a) == 100 and len(set(from_a)) == 100  # every window of a exactly once
+    again = TrainBatches([(a, 1.0), (b, 1.0)], seq_len=10, micro_batch=10, rank=0, world=1, seed=3)
+    assert torch.equal(again.batch(17)[0], batches.batch(17)[0])

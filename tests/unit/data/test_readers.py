@@ -6,7 +6,6 @@ import gzip
 import io
 import json
 import os
-import socket
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,45 +306,9 @@ def test_list_source_files_errors(tmp_path: Path) -> None:
 # --- S3 ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    # No S3 is reachable from here: moto's server mode stands in, reached over real HTTP through the same
-    # endpoint override (OPT_S3_ENDPOINT_URL) a MinIO or any S3-compatible store would use.
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("OPT_S3_ENDPOINT_URL", s3_endpoint)
-    storage._s3_client.cache_clear()
-    client = storage.s3_client()
-    client.create_bucket(Bucket="readers")
-    try:
-        yield "s3://readers"
-    finally:
-        for obj in client.list_objects_v2(Bucket="readers").get("Contents", []):
-            client.delete_object(Bucket="readers", Key=obj["Key"])
-        client.delete_bucket(Bucket="readers")
-        storage._s3_client.cache_clear()
+def bucket(s3_buckets) -> str:
+    return s3_buckets("readers")
 
 
 def test_s3_jsonl_zst_streams_through_boto3(bucket: str) -> None:
