@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ from opt import storage
 from opt.data.config import DataConfig
 from opt.data.manifest import MANIFEST_FILE, DatasetManifest, SourceStats
 from opt.data.tokenizer import TOKENIZER_FILE, padded_vocab_size
-from opt.data.units import Unit, read_docs
+from opt.data.units import Unit, read_docs, read_meta
 from opt.data.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -44,10 +43,11 @@ def _doc_sources(units: list[Unit], offsets: np.ndarray, names: list[str]) -> np
 
 
 def _iter_meta(work: WorkDir, units: list[Unit]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(global index, source, {file, line, id}) of every kept document, without reading texts."""
     g = 0
     for u in units:
-        for doc in read_docs(work, u.id):
-            yield g, u.source, doc
+        for file, line, doc_id in read_meta(work, u.id):
+            yield g, u.source, {"file": file, "line": line, "id": doc_id}
             g += 1
 
 
@@ -95,7 +95,7 @@ def _write_report(work: WorkDir, units: list[Unit], result: Any) -> None:
     kept_meta: dict[int, dict[str, Any]] = {}
     for g, source, doc in _iter_meta(work, units):  # first pass: only the documents that were duplicated
         if g in wanted:
-            kept_meta[g] = {"source": source, "file": doc["f"], "line": doc["l"], "id": doc["i"]}
+            kept_meta[g] = {"source": source, **doc}
     removed_set = set(removed.tolist())
     with open(work.path("dedup", DUPLICATES_FILE), "w", encoding="utf-8") as out:
         for g, source, doc in _iter_meta(work, units):
@@ -103,7 +103,7 @@ def _write_report(work: WorkDir, units: list[Unit], result: Any) -> None:
                 continue
             exact = bool(result.exact_of[g] >= 0)
             line = {
-                "source": source, "file": doc["f"], "line": doc["l"], "id": doc["i"],
+                "source": source, **doc,
                 "kind": "exact" if exact else "near",
                 "similarity": 1.0 if exact else round(float(result.near_similarity[g]), 4),
                 "duplicate_of": kept_meta[int(target[g])],
@@ -117,12 +117,30 @@ def _training_sample(work: WorkDir, units: list[Unit], limit: int) -> Iterator[s
     split = np.fromfile(work.root / "dedup" / "split.u8", dtype=np.uint8)
     eligible = (keep == 1) & (split == 0)
     stride = max(1, math.ceil(int(eligible.sum()) / limit))
-    rank = 0
-    for g, _, doc in _iter_meta(work, units):
-        if eligible[g]:
-            if rank % stride == 0:
-                yield doc["t"]
-            rank += 1
+    rank, g = 0, 0
+    for u in units:
+        for doc in read_docs(work, u.id):
+            if eligible[g]:
+                if rank % stride == 0:
+                    yield doc["t"]
+                rank += 1
+            g += 1
+
+
+def _first_training_docs(work: WorkDir, units: list[Unit], limit: int) -> list[str]:
+    """The first `limit` surviving training documents (enough to check an encoder; reads little)."""
+    keep = np.fromfile(work.root / "dedup" / "keep.u8", dtype=np.uint8)
+    split = np.fromfile(work.root / "dedup" / "split.u8", dtype=np.uint8)
+    out: list[str] = []
+    g = 0
+    for u in units:
+        for doc in read_docs(work, u.id):
+            if keep[g] and not split[g]:
+                out.append(doc["t"])
+                if len(out) == limit:
+                    return out
+            g += 1
+    return out
 
 
 def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.ndarray) -> tuple[Path, int, str]:
@@ -143,7 +161,7 @@ def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets:
             tok = train_tokenizer(_training_sample(work, units, t.train_docs), t.vocab_size, t.min_frequency)
         path.write_text(tok.to_str())
         encoder = BatchEncoder(str(path))
-        encoder.verify(list(itertools.islice(_training_sample(work, units, 200), 200)))
+        encoder.verify(_first_training_docs(work, units, 200))
         result = {"vocab_size": padded_vocab_size(tok.get_vocab_size()), "engine": encoder.engine}
         done = work.mark_done("tokenizer", "all", [path], result)
     load_tokenizer(str(path))  # fail here, not in a worker, if the file is unreadable

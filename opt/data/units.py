@@ -3,7 +3,8 @@ only its own files under the work directory, and is deterministic, so a resumed 
 byte-identical output.
 
 Per-unit files (`clean/<unit>.*`): `docs.jsonl.zst` (kept documents: text, file, line, id),
-`hash.u64` (exact-duplicate keys), `sig.u32` (MinHash signatures, n x num_perm), `quarantine.jsonl`.
+`meta.jsonl` (file, line, id of each kept document, for the duplicates report), `hash.u64`
+(exact-duplicate keys), `sig.u32` (MinHash signatures, n x num_perm), `quarantine.jsonl`.
 Per-unit token files (`tokens/<unit>.<split>.bin`): each kept document's tokens followed by `</s>`.
 """
 
@@ -84,13 +85,15 @@ def clean_unit(work_root: str, unit: Unit, source: SourceConfig, filters: Filter
     done = work.is_done("clean", unit.id)
     if done is not None:
         return done["result"]
-    paths = {k: work.path("clean", f"{unit.id}.{k}") for k in ("docs.jsonl.zst", "hash.u64", "sig.u32", "quarantine.jsonl")}
+    names = ("docs.jsonl.zst", "meta.jsonl", "hash.u64", "sig.u32", "quarantine.jsonl")
+    paths = {k: work.path("clean", f"{unit.id}.{k}") for k in names}
     hasher = MinHasher(dedup.num_perm, dedup.ngram)
     res = CleanResult(bytes_in=unit.size)
     pending_texts: list[str] = []
     pending_keys: list[int] = []
     with (
         open(paths["docs.jsonl.zst"], "wb") as raw_docs,
+        open(paths["meta.jsonl"], "w", encoding="utf-8") as meta,
         open(paths["hash.u64"], "wb") as hashes,
         open(paths["sig.u32"], "wb") as sigs,
         open(paths["quarantine.jsonl"], "w", encoding="utf-8") as quarantine,
@@ -121,6 +124,8 @@ def clean_unit(work_root: str, unit: Unit, source: SourceConfig, filters: Filter
             res.kept += 1
             record = {"t": text, "f": item.file, "l": item.line, "i": item.doc_id}
             docs.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            # where the document came from, apart from its text: the dedup report reads only this
+            meta.write(json.dumps([item.file, item.line, item.doc_id], ensure_ascii=False) + "\n")
             pending_keys.append(exact_key(text))
             pending_texts.append(text)
             if len(pending_texts) >= 1024:
@@ -140,6 +145,14 @@ def read_docs(work: WorkDir, unit_id: str) -> Iterator[dict[str, Any]]:
         reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
         for line in reader:
             yield json.loads(line)
+
+
+def read_meta(work: WorkDir, unit_id: str) -> Iterator[tuple[str, int, str | None]]:
+    """(file, line, id) of each kept document of a cleaned unit, in order, without reading its text."""
+    with open(work.root / "clean" / f"{unit_id}.meta.jsonl", encoding="utf-8") as f:
+        for line in f:
+            file, lineno, doc_id = json.loads(line)
+            yield file, lineno, doc_id
 
 
 def tokenize_unit(
