@@ -46,9 +46,10 @@ def prepare_data(cfg: RunConfig, progress: bool = False) -> tuple[DatasetManifes
 
 def find_dataset(cfg: RunConfig) -> DatasetManifest:
     """The prepared dataset for this config (same inputs and data settings), or StageError."""
-    from opt.data.prep import dataset_id
+    from opt.data.prep import dataset_id, list_inputs, work_home
 
-    did, _ = dataset_id(cfg.data)
+    # the same input-hash cache as data prep, so a standalone `optctl train` does not re-hash the corpus
+    did, _ = dataset_id(cfg.data, list_inputs(cfg.data, work_home() / "input-hashes.json"))
     uri = storage.join(cfg.storage.root, "datasets", did)
     try:
         return load_manifest(uri)

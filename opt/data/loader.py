@@ -6,6 +6,7 @@ exactly the batches an uninterrupted run would: the loader's whole state is the 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +17,31 @@ from opt import storage
 from opt.data.manifest import DatasetError, DatasetManifest
 
 
+def _verified(path: Path, sha256: str, cache_dir: str | Path) -> bool:
+    """sha256 check of a token file, remembered per (path, size, mtime) so restarts do not re-hash shards."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{sha256}".encode()).hexdigest()
+    marker = Path(cache_dir) / "verified" / key
+    if marker.exists():
+        return True
+    if storage.sha256_file(path) != sha256:
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return True
+
+
 def open_tokens(manifest: DatasetManifest, rel: str, cache_dir: str | Path, verify: bool = True) -> np.ndarray:
-    """Memory-map a token file of the dataset (downloading it first when the store is S3)."""
+    """Memory-map a token file of the dataset (downloading it first when the store is S3).
+
+    A shard whose size or sha256 differs from the manifest is refused here, not discovered later as
+    gibberish output; the hash is computed once per file version on each machine.
+    """
     meta = manifest.files.get(rel)
     if meta is None:
         raise DatasetError(f"{manifest.uri}: manifest lists no {rel}")
     path = storage.local_path(manifest.file_uri(rel), cache_dir)
-    if path.stat().st_size != meta["size"] or (verify and storage.sha256_file(path) != meta["sha256"]):
+    if path.stat().st_size != meta["size"] or (verify and not _verified(path, meta["sha256"], cache_dir)):
         raise DatasetError(f"{path}: size or sha256 differs from the manifest; the dataset is corrupted, re-run data prep")
     if meta["size"] == 0:
         return np.zeros(0, dtype=manifest.token_dtype)

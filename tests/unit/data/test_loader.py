@@ -79,3 +79,27 @@ def test_weighted_mixing_covers_each_source_without_repeats_within_an_epoch():
     assert len(from_a) == 100 and len(set(from_a)) == 100  # every window of a exactly once
     again = TrainBatches([(a, 1.0), (b, 1.0)], seq_len=10, micro_batch=10, rank=0, world=1, seed=3)
     assert torch.equal(again.batch(17)[0], batches.batch(17)[0])
+
+
+def test_corrupted_shard_is_refused_and_good_ones_are_hashed_once(tmp_path, monkeypatch):
+    from opt import storage
+    from opt.data.loader import open_tokens
+    from opt.data.manifest import DatasetManifest
+
+    shard = tmp_path / "ds" / "train" / "a.bin"
+    shard.parent.mkdir(parents=True)
+    np.arange(100, dtype=np.uint16).tofile(shard)
+    meta = {"size": shard.stat().st_size, "sha256": storage.sha256_file(shard)}
+    manifest = DatasetManifest("id", str(tmp_path / "ds"), 10, 512, "", [], {}, {"train/a.bin": meta}, {})
+    cache = tmp_path / "cache"
+    assert open_tokens(manifest, "train/a.bin", cache)[5] == 5
+    calls = []
+    monkeypatch.setattr(storage, "sha256_file", lambda p: calls.append(p) or meta["sha256"])
+    open_tokens(manifest, "train/a.bin", cache)
+    assert calls == []  # verified before: not hashed again
+    monkeypatch.undo()
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF  # same size, different bytes (and a new mtime)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="corrupted"):
+        open_tokens(manifest, "train/a.bin", cache)
