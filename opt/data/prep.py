@@ -195,7 +195,14 @@ class DatasetBuild:
         return bucket_units(self.work, source, [r["part"] for r in results], self.data.reddit_buckets)
 
     def clean(self, source: str) -> list[dict[str, Any]]:
-        """Read, clean, filter, key and sign every unit of `source`; appends its units to the build."""
+        """Read, clean, filter, key and sign every unit of `source`; records its units in the build.
+
+        Safe to call again (a retried task): finished units are skipped and the source's counts restart.
+        """
+        self.stats[source] = SourceStats()
+        self.extra_quarantine[source] = []
+        pairs = [(u, k) for u, k in zip(self.units, self.kept, strict=True) if u.source != source]
+        self.units, self.kept = [u for u, _ in pairs], [k for _, k in pairs]
         units = self.plan(source)
         src, root = self.sources[source], str(self.work.root)
         filters, dedup = self.data.filters_for(src), self.data.dedup
@@ -236,10 +243,14 @@ class DatasetBuild:
             self.kept[index[u.id]],
             self.token_dtype,
         )
+        st = self.stats[source]
+        fields = ("train_docs", "valid_docs", "train_tokens", "valid_tokens")
+        totals = dict.fromkeys(fields, 0)  # recomputed on every call, so a retried task does not count twice
         for r in run_units(f"tokenize {source}", units, tokenize_unit, args, self.pool, self.progress):
-            st = self.stats[source]
-            for k in ("train_docs", "valid_docs", "train_tokens", "valid_tokens"):
-                setattr(st, k, getattr(st, k) + r[k])
+            for k in fields:
+                totals[k] += r[k]
+        for k in fields:
+            setattr(st, k, totals[k])
 
     def pack(self, source: str) -> None:
         from opt.data.build import pack_source

@@ -107,3 +107,22 @@ def test_bundled_sample_corpus_prepares(tmp_path, monkeypatch):
     assert load_manifest(manifest.uri).dataset_id == manifest.dataset_id
     s = manifest.sources["python-docs"]
     assert s.train_tokens > 100_000 and s.valid_tokens > 1_000
+
+
+def test_stages_called_again_count_once(tmp_path):
+    from opt.data.prep import DatasetBuild
+
+    src = write_jsonl(tmp_path / "a.jsonl", _docs(20, "a"))
+    cfg = _cfg(tmp_path, [("a", "jsonl", str(src))])
+    once, _ = prepare_dataset(cfg.data, cfg.storage.root, work_root=tmp_path / "w1")
+    build = DatasetBuild(cfg.data, str(tmp_path / "store2"), tmp_path / "w2")
+    for _ in range(2):  # a retried Prefect task runs a stage again
+        build.clean("a")
+    build.dedup()
+    build.tokenizer()
+    for _ in range(2):
+        build.tokenize("a")
+    build.pack("a")
+    twice = build.publish()
+    assert vars(twice.sources["a"]) == vars(once.sources["a"])
+    assert twice.files == once.files
