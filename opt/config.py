@@ -85,9 +85,13 @@ class TrainConfig(Section):
     max_steps: int = Field(40, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per rank per step."""
-    lr: float = Field(1e-3, gt=0)
-    """Peak learning rate (OPT-125M used 6e-4)."""
-    warmup_steps: int = Field(5, ge=0)
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate; None takes OPT's for the preset (125m: 6e-4 ... 175b: 1.2e-4; debug: 1e-3)."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Linear warmup steps; None takes OPT's rule (375M tokens, 2000 steps at 175b; debug: 10% of max_steps)."""
+    batch_tokens: int | None = Field(None, ge=1)
+    """Tokens per optimizer step across ranks, reached by gradient accumulation (OPT-125M: 0.5M);
+    None is one micro-batch per rank per step."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Linear decay ends at this fraction of the peak (OPT: 10%)."""
     weight_decay: float = Field(0.1, ge=0)

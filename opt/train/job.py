@@ -57,7 +57,13 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from opt.tracking import get_or_create_run
+    from opt.train.recipe import resolve
 
+    t = cfg.train
+    # a batch size the run's shape cannot reach fails here, before anything is written, not in every worker
+    recipe = resolve(
+        cfg.model.preset, manifest.seq_len, t.num_workers, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens
+    )
     uri = run_uri(cfg)
     logbook = Logbook(uri)
     run_file = storage.join(uri, RUN_FILE)
@@ -90,6 +96,10 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         max_steps=cfg.train.max_steps,
         workers=cfg.train.num_workers,
         from_step=existing.step if existing else 0,
+        lr=recipe.lr,
+        warmup_steps=recipe.warmup_steps,
+        grad_accum=recipe.grad_accum,
+        batch_tokens=recipe.batch_tokens,
     )
 
     scratch = work_dir(cfg)
@@ -102,7 +112,6 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         "cache_dir": str(scratch / "cache"),
     }
     _ray_init(cfg)
-    t = cfg.train
     trainer = TorchTrainer(
         train_worker_entry,
         train_loop_config=payload,

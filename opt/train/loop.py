@@ -16,18 +16,38 @@ from opt.logbook import Logbook
 from opt.model import OPT
 from opt.model.plan import train_flops_per_token
 from opt.train.checkpoint import latest_committed, local_copy, read_trainer_state, save_sharded
+from opt.train.recipe import resolve
 from opt.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (biases and LayerNorm parameters are not decayed)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     t = cfg.train
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=t.betas, eps=t.eps)
+
+
+def accumulate_gradients(model: OPT, batches: TrainBatches, step: int, grad_accum: int, device: str) -> torch.Tensor:
+    """Forward and backward over the step's `grad_accum` micro-batches; returns their mean loss.
+
+    Micro-batch k of step s reads sample block s * grad_accum + k, so the data order depends only on
+    the seed and the batch size in tokens. Under FSDP2 the gradient reduce-scatter runs once, after
+    the last micro-batch.
+    """
+    total = torch.zeros((), device=device)
+    set_sync = getattr(model, "set_requires_gradient_sync", None)  # present once FSDP2 wraps the model
+    for k in range(grad_accum):
+        if callable(set_sync):
+            set_sync(k == grad_accum - 1)
+        x, y = batches.batch(step * grad_accum + k)
+        loss = model.loss(x.to(device), y.to(device)) / grad_accum
+        loss.backward()
+        total += loss.detach()
+    return total
 
 
 def shard_model(model: OPT, world: int, device_type: str) -> OPT:
@@ -63,7 +83,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)  # same init on every rank before sharding
     model_cfg = cfg.model.build(manifest.vocab_size, manifest.seq_len)
     model = shard_model(OPT(model_cfg).to(device), world, device)
-    optimizer = build_optimizer(model, cfg)
+    recipe = resolve(cfg.model.preset, manifest.seq_len, world, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens)
+    optimizer = build_optimizer(model, cfg, recipe.lr)
 
     start = 0
     skipped = (lambda uri, why: logbook.append("checkpoint_skipped", uri=uri, reason=why)) if rank == 0 else None
@@ -81,17 +102,15 @@ def train_worker(payload: dict[str, Any]) -> None:
     batches = TrainBatches(open_train_sources(manifest, payload["cache_dir"]), manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
     metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"]) if rank == 0 else None
     flops_per_token = train_flops_per_token(model_cfg, manifest.seq_len)
-    tokens_per_step = t.micro_batch_size * manifest.seq_len * world
+    tokens_per_step = recipe.batch_tokens
     last: dict[str, float] = {}
     model.train()
     for step in range(start, t.max_steps):
         t0 = time.perf_counter()
-        lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        lr = lr_at(step, recipe.lr, recipe.warmup_steps, t.max_steps, t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = batches.batch(step)
-        loss = model.loss(x.to(device), y.to(device))
-        loss.backward()
+        loss = accumulate_gradients(model, batches, step, recipe.grad_accum, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
