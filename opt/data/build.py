@@ -189,7 +189,7 @@ def pack_source(work: WorkDir, source: str, units: list[Unit], seq_len: int, tok
                         carry = carry[full:]
             if carry.size:
                 writer.add_document(carry)  # the remainder is kept as a shorter last sequence
-        outputs += [prefix.with_suffix(".bin"), prefix.with_suffix(".idx")]
+        outputs += [Path(f"{prefix}.bin"), Path(f"{prefix}.idx")]  # not with_suffix: source names may hold dots
     work.mark_done("pack", source, outputs, {})
 
 

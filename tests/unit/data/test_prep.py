@@ -94,6 +94,14 @@ def test_rerun_reuses_dataset_and_id_depends_on_content(tmp_path):
     assert prepare_dataset(cfg_seq.data, cfg_seq.storage.root)[0].dataset_id != first.dataset_id
 
 
+def test_source_names_with_dots_get_their_own_shards(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", _docs(20, "a"))
+    cfg = _cfg(tmp_path, [("pile.cc", "jsonl", str(src))])
+    manifest, _ = prepare_dataset(cfg.data, cfg.storage.root)
+    assert {"train/pile.cc.bin", "train/pile.cc.idx", "valid/pile.cc.bin", "valid/pile.cc.idx"} <= set(manifest.files)
+    assert IndexedDataset(manifest.file_uri("train/pile.cc")).num_tokens == manifest.sources["pile.cc"].train_tokens
+
+
 def test_missing_source_fails_naming_it(tmp_path):
     cfg = _cfg(tmp_path, [("ghost", "jsonl", str(tmp_path / "nope"))])
     with pytest.raises(SourceError, match="ghost"):
