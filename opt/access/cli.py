@@ -71,13 +71,12 @@ def cmd_demo(args: argparse.Namespace, cfg: Any) -> None:
 
     from opt.access.download import download, require_gated_version
     from opt.access.links import AccessDenied
+    from opt.errors import OptError
     from opt.tracking import client
 
     name = cfg.model_name
     versions = client(cfg.tracking.uri).search_model_versions(f"name = '{name}'")
     if not versions:
-        from opt.errors import OptError
-
         raise OptError(f"no registered versions of {name}; run `optctl pipeline run` first")
     version = str(max(int(v.version) for v in versions))
     require_gated_version(cfg.tracking.uri, name, version)
@@ -100,11 +99,15 @@ def cmd_demo(args: argparse.Namespace, cfg: Any) -> None:
             download(svc, cfg.tracking.uri, tampered, name, version, Path(tmp) / "x")
         except AccessDenied as e:
             print(f"  6. a tampered link is refused: {e.reason}")
+        else:
+            raise OptError("access demo: a tampered link was accepted; the access gate is broken")
         svc.revoke(grant.id, "demo-reviewer", "demo finished")
         try:
             download(svc, cfg.tracking.uri, link.token, name, version, Path(tmp) / "y")
         except AccessDenied as e:
             print(f"  7. after revocation the same link is refused at once: {e.reason}")
+        else:
+            raise OptError("access demo: a revoked grant's link still worked; the access gate is broken")
     print("  every step is in the audit log: optctl access audit")
 
 
