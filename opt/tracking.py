@@ -54,31 +54,96 @@ def get_or_create_run(
 
 
 class MetricsBuffer:
-    """Collects metrics and sends them in batches; failed sends keep the points for the next flush."""
+    """Metrics for one MLflow run, sent in batches by a background thread.
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: int = 10) -> None:
-        self.tracking_uri, self.run_id, self.flush_every = tracking_uri, run_id, flush_every
-        self.pending: list[Any] = []
+    `log` only appends under a lock, so a slow or unreachable tracking server never slows the
+    training step. Failed sends keep every point and retry with backoff. `close` waits a bounded time
+    for delivery; what still could not be sent is spilled to `spill_path` (the run directory) and
+    replayed by the next buffer for the same run, so no point is lost once the server returns.
+    """
+
+    BATCH = 1000  # MLflow's limit per log_batch
+
+    def __init__(
+        self, tracking_uri: str, run_id: str, spill_path: Path | None = None, interval_s: float = 2.0, client_factory: Any = None
+    ) -> None:
+        import threading
+
+        self.tracking_uri, self.run_id, self.spill_path, self.interval_s = tracking_uri, run_id, spill_path, interval_s
+        self._client_factory = client_factory or (lambda: client(tracking_uri))
         self._client: Any = None
+        self._pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self.failures = 0
+        if spill_path is not None and spill_path.is_file():  # points a previous attempt could not deliver
+            import json
+
+            self._pending += [tuple(p) for p in json.loads(spill_path.read_text())]  # type: ignore[misc]
+            spill_path.unlink()
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        with self._lock:
+            self._pending += [(k, float(v), ts, step) for k, v in metrics.items()]
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _send(self) -> bool:
+        """One delivery attempt of everything pending; True when nothing is left."""
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
-        if len(self.pending) >= self.flush_every * max(1, len(metrics)):
-            self.flush()
-
-    def flush(self) -> bool:
-        if not self.pending:
+        with self._lock:
+            batch = list(self._pending)
+        if not batch:
             return True
         try:
             if self._client is None:
-                self._client = client(self.tracking_uri)
-            for i in range(0, len(self.pending), 1000):  # MLflow's batch limit
-                self._client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+                self._client = self._client_factory()
+            for i in range(0, len(batch), self.BATCH):
+                chunk = batch[i : i + self.BATCH]
+                self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in chunk])
+                with self._lock:  # drop only what was delivered; points logged meanwhile stay queued
+                    del self._pending[: len(chunk)]
         except Exception as e:  # tracking must never stop training
-            log.warning("MLflow unreachable (%s); keeping %d points for the next flush", e, len(self.pending))
+            self.failures += 1
+            log.warning("MLflow unreachable (%s); keeping %d points for the next try", str(e).splitlines()[0][:200], self.pending)
             return False
-        self.pending.clear()
         return True
+
+    def _run(self) -> None:
+        delay = self.interval_s
+        while not self._stop:
+            self._wake.wait(delay)
+            self._wake.clear()
+            delay = self.interval_s if self._send() else min(60.0, delay * 2)  # back off while it is down
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Try to deliver everything now (from the caller's thread), for at most about `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not self._send():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Stop the sender after a last bounded delivery; spill what is left. True if everything arrived."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=timeout_s)
+        delivered = self.flush(timeout_s)
+        if not delivered and self.spill_path is not None:
+            import json
+
+            with self._lock:
+                self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+                self.spill_path.write_text(json.dumps(self._pending))
+            log.warning("%d metric points kept in %s until MLflow is reachable", self.pending, self.spill_path)
+        return delivered

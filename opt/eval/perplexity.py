@@ -59,5 +59,5 @@ def log_to_mlflow(report: EvalReport, tracking_uri: str, run_id: str) -> None:
 
     buf = MetricsBuffer(tracking_uri, run_id)
     buf.log(report.mlflow_metrics(), report.step)
-    if not buf.flush():
+    if not buf.close():
         log.warning("evaluation figures were written to eval.json but not to MLflow")

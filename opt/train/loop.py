@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,7 +101,8 @@ def train_worker(payload: dict[str, Any]) -> None:
             logbook.append("resumed", step=start, checkpoint=ckpt.uri, world_size=world)
 
     batches = TrainBatches(open_train_sources(manifest, payload["cache_dir"]), manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
-    metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"]) if rank == 0 else None
+    spill = Path(payload["cache_dir"]) / "metrics-pending" / f"{payload['mlflow_run_id']}.json"
+    metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"], spill_path=spill) if rank == 0 else None
     flops_per_token = train_flops_per_token(model_cfg, manifest.seq_len)
     tokens_per_step = recipe.batch_tokens
     last: dict[str, float] = {}
@@ -138,5 +140,5 @@ def train_worker(payload: dict[str, Any]) -> None:
             if rank == 0:
                 logbook.append("checkpoint", step=step + 1, uri=uri, loss=last["loss"])
             ray.train.report({**last, "step": step + 1, "checkpoint": uri})
-    if metrics is not None and not metrics.flush():
-        log.warning("some metrics could not be sent to MLflow")
+    if metrics is not None and not metrics.close():
+        log.warning("some metrics could not be sent to MLflow yet; the next run of %s sends them", run_uri)
