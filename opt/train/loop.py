@@ -32,6 +32,13 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.
     return torch.optim.AdamW(groups, lr=lr, betas=t.betas, eps=t.eps)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank's step: no RNG state needs saving for a resume to be exact."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def accumulate_gradients(model: OPT, batches: TrainBatches, step: int, grad_accum: int, device: str) -> torch.Tensor:
     """Forward and backward over the step's `grad_accum` micro-batches; returns their mean loss.
 
@@ -109,6 +116,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     model.train()
     for step in range(start, t.max_steps):
         t0 = time.perf_counter()
+        # dropout masks are a function of (seed, step, rank), so a resumed run draws the same ones
+        torch.manual_seed(step_seed(t.seed, step, rank))
         lr = lr_at(step, recipe.lr, recipe.warmup_steps, t.max_steps, t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -173,3 +173,27 @@ def test_gated_download_through_optctl(pipeline_run, tmp_path, capsys):
     code, out, _ = optctl("access", "audit")
     for action in ("request.created", "request.approved", "link.issued", "download.completed", "grant.revoked", "download.refused"):
         assert action in out
+
+
+def test_resume_from_a_checkpoint_is_bitwise_exact(pipeline_run):
+    """A run that loses its newest checkpoint resumes from the one before and ends with the same weights."""
+    import shutil
+
+    import torch
+
+    from opt.train.export import load_checkpoint_model
+
+    root, _ = pipeline_run
+    # dropout on, so the per-step RNG matters too
+    cfg = load_config(None, overrides(root, **{"train.run": "exact", "train.max_steps": 8, "train.checkpoint_every": 4,
+                                               "model.overrides": "{dropout: 0.1}"}))  # fmt: skip
+    first = stages.train(cfg)
+    assert first.checkpoint.step == 8
+    uninterrupted = load_checkpoint_model(first.checkpoint, root / "cache").state_dict()
+    shutil.rmtree(first.checkpoint.uri)  # as if the job died before step 8 was committed
+    resumed = stages.train(cfg)
+    assert resumed.checkpoint.step == 8
+    events = [e for e in Logbook(resumed.run_uri).read() if e["event"] == "resumed"]
+    assert events and events[-1]["step"] == 4
+    again = load_checkpoint_model(resumed.checkpoint, root / "cache2").state_dict()
+    assert all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted)
