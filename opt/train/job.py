@@ -84,7 +84,7 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     storage.write_text(
         run_file, json.dumps({"run": cfg.train.run, "dataset_id": manifest.dataset_id, "mlflow_run_id": mlflow_run_id}, indent=2)
     )
-    storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml())
+    _save_config(cfg, uri, logbook)
     _log_config(cfg, mlflow_run_id)
     existing = latest_committed(uri, on_skip=lambda bad, why: logbook.append("checkpoint_skipped", uri=bad, reason=why))
     if existing is not None and existing.step >= cfg.train.max_steps:
@@ -141,6 +141,22 @@ def train_worker_entry(payload: dict) -> None:
     from opt.train.loop import train_worker
 
     train_worker(payload)
+
+
+def _save_config(cfg: RunConfig, uri: str, logbook: Logbook) -> None:
+    """`config.yaml` is the resolved config of the latest attempt; earlier, different ones are kept beside it."""
+    import difflib
+    import time
+
+    path = storage.join(uri, "config.yaml")
+    new = cfg.to_yaml()
+    if storage.exists(path) and (old := storage.read_text(path)) != new:
+        kept = storage.join(uri, f"config-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml")
+        storage.write_text(kept, old)
+        changes = [line for line in difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=0)
+                   if line[:1] in "+-" and not line.startswith(("+++", "---"))]  # fmt: skip
+        logbook.append("config_changed", previous=kept, changes=changes[:50])
+    storage.write_text(path, new)
 
 
 def _log_config(cfg: RunConfig, mlflow_run_id: str) -> None:

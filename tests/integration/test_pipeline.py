@@ -127,6 +127,8 @@ def test_same_run_name_resumes_from_newest_checkpoint(pipeline_run):
     events = Logbook(result.run_uri).read()
     resumed = [e for e in events if e["event"] == "resumed"]
     assert resumed and resumed[-1]["step"] == 10
+    changed = [e for e in events if e["event"] == "config_changed"]  # max_steps 10 -> 12, and the old config kept
+    assert changed and "+  max_steps: 12" in changed[-1]["changes"] and storage.exists(changed[-1]["previous"])
 
 
 def test_failing_gate_registers_without_alias(pipeline_run):
