@@ -111,36 +111,23 @@ def _write_report(work: WorkDir, units: list[Unit], result: Any) -> None:
             out.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def _training_sample(work: WorkDir, units: list[Unit], limit: int) -> Iterator[str]:
-    """A deterministic, evenly spread sample of at most `limit` surviving training documents."""
+def _training_docs(work: WorkDir, units: list[Unit], limit: int, spread: bool = True) -> Iterator[str]:
+    """At most `limit` surviving training documents, deterministic: evenly spread over the corpus, or
+    (spread=False) the first ones, which reads only as far as needed."""
     keep = np.fromfile(work.root / "dedup" / "keep.u8", dtype=np.uint8)
     split = np.fromfile(work.root / "dedup" / "split.u8", dtype=np.uint8)
     eligible = (keep == 1) & (split == 0)
-    stride = max(1, math.ceil(int(eligible.sum()) / limit))
+    stride = max(1, math.ceil(int(eligible.sum()) / limit)) if spread else 1
     rank, g = 0, 0
     for u in units:
         for doc in read_docs(work, u.id):
             if eligible[g]:
                 if rank % stride == 0:
                     yield doc["t"]
+                    if rank // stride + 1 >= limit:
+                        return
                 rank += 1
             g += 1
-
-
-def _first_training_docs(work: WorkDir, units: list[Unit], limit: int) -> list[str]:
-    """The first `limit` surviving training documents (enough to check an encoder; reads little)."""
-    keep = np.fromfile(work.root / "dedup" / "keep.u8", dtype=np.uint8)
-    split = np.fromfile(work.root / "dedup" / "split.u8", dtype=np.uint8)
-    out: list[str] = []
-    g = 0
-    for u in units:
-        for doc in read_docs(work, u.id):
-            if keep[g] and not split[g]:
-                out.append(doc["t"])
-                if len(out) == limit:
-                    return out
-            g += 1
-    return out
 
 
 def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.ndarray) -> tuple[Path, int, str]:
@@ -158,10 +145,10 @@ def build_tokenizer(work: WorkDir, data: DataConfig, units: list[Unit], offsets:
         if t.vocab_file and t.merges_file:
             tok = from_gpt2_files(t.vocab_file, t.merges_file)
         else:
-            tok = train_tokenizer(_training_sample(work, units, t.train_docs), t.vocab_size, t.min_frequency)
+            tok = train_tokenizer(_training_docs(work, units, t.train_docs), t.vocab_size, t.min_frequency)
         path.write_text(tok.to_str())
         encoder = BatchEncoder(str(path))
-        encoder.verify(_first_training_docs(work, units, 200))
+        encoder.verify(list(_training_docs(work, units, 200, spread=False)))
         result = {"vocab_size": padded_vocab_size(tok.get_vocab_size()), "engine": encoder.engine}
         done = work.mark_done("tokenizer", "all", [path], result)
     load_tokenizer(str(path))  # fail here, not in a worker, if the file is unreadable
