@@ -10,8 +10,10 @@ Per-unit token files (`tokens/<unit>.<split>.bin`): each kept document's tokens 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,6 +157,15 @@ def read_meta(work: WorkDir, unit_id: str) -> Iterator[tuple[str, int, str | Non
             yield file, lineno, doc_id
 
 
+@functools.lru_cache(maxsize=2)
+def _encoder(tokenizer_path: str, engine: str, mtime_ns: int) -> Any:
+    """One encoder per worker process (keyed by the file's version): building tiktoken's ranks for a
+    50k vocabulary again for every unit is wasted work."""
+    from opt.data.tokenizer import BatchEncoder
+
+    return BatchEncoder(tokenizer_path, engine)
+
+
 def tokenize_unit(
     work_root: str, unit_id: str, tokenizer_path: str, engine: str, offset: int, count: int, token_dtype: str
 ) -> dict[str, Any]:
@@ -163,7 +174,7 @@ def tokenize_unit(
     `offset` is the unit's first global document index; `dedup/keep.u8` and `dedup/split.u8` (0 train,
     1 valid) say which documents survive and where they go.
     """
-    from opt.data.tokenizer import EOS_ID, BatchEncoder
+    from opt.data.tokenizer import EOS_ID
 
     work = WorkDir(Path(work_root))
     done = work.is_done("tokenize", unit_id)
@@ -171,7 +182,7 @@ def tokenize_unit(
         return done["result"]
     keep = np.memmap(work.root / "dedup" / "keep.u8", dtype=np.uint8, mode="r")[offset : offset + count]
     split = np.memmap(work.root / "dedup" / "split.u8", dtype=np.uint8, mode="r")[offset : offset + count]
-    tok = BatchEncoder(tokenizer_path, engine)
+    tok = _encoder(tokenizer_path, engine, os.stat(tokenizer_path).st_mtime_ns)
     outs = {s: work.path("tokens", f"{unit_id}.{s}.bin") for s in ("train", "valid")}
     result = {"train_docs": 0, "valid_docs": 0, "train_tokens": 0, "valid_tokens": 0}
     with open(outs["train"], "wb") as f_train, open(outs["valid"], "wb") as f_valid:
