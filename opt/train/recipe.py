@@ -75,7 +75,3 @@ def resolve(
     peak = lr if lr is not None else (paper[0] if paper else DEBUG_LR)
     return ResolvedRecipe(peak, warmup_steps, accum, tokens)
 
-
-def paper_batch_tokens(preset: str) -> int | None:
-    """The batch size OPT trained `preset` with, in tokens (None for presets not in the paper)."""
-    return OPT_RECIPES[preset][1] if preset in OPT_RECIPES else None
