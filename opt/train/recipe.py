@@ -74,4 +74,3 @@ def resolve(
             warmup_steps = math.ceil(WARMUP_TOKENS / tokens)
     peak = lr if lr is not None else (paper[0] if paper else DEBUG_LR)
     return ResolvedRecipe(peak, warmup_steps, accum, tokens)
-
