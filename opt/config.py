@@ -71,6 +71,33 @@ class ModelSection(Section):
         return self
 
 
+class SpikeConfig(Section):
+    """What OPT's engineers did by hand when the loss blew up, as a policy the trainer applies itself."""
+
+    enabled: bool = True
+    ratio: float = Field(2.0, gt=1)
+    """A step whose loss exceeds `ratio` times the running average is a spike (a non-finite loss or
+    gradient norm always is)."""
+    ema: float = Field(0.9, gt=0, lt=1)
+    """Smoothing of the running average of the loss (weight of the past)."""
+    warmup_steps: int = Field(10, ge=0)
+    """Steps before the ratio test starts: the early loss falls too fast for a running average."""
+    lr_factor: float = Field(0.5, gt=0, le=1)
+    """Each rollback multiplies the learning rate by this."""
+    max_rollbacks: int = Field(3, ge=0)
+    """Rollbacks allowed in a run; one more spike and training stops with an error."""
+
+
+class ChaosConfig(Section):
+    """Fault injection for tests and drills; leave empty in real runs."""
+
+    poison_batches: list[int] = Field(default_factory=list)
+    """Data steps whose loss is multiplied by `poison_scale`, like a corrupt batch that blows up the loss."""
+    poison_scale: float = Field(100.0, gt=0)
+    nan_batches: list[int] = Field(default_factory=list)
+    """Data steps whose loss is NaN."""
+
+
 class TrainConfig(Section):
     run: str = Field("tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: `<store>/runs/<run>/`; the same name resumes from the newest committed checkpoint."""
@@ -98,9 +125,36 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """`adamw` (OPT's) or `sgd`. Changing it on resume switches optimizer with the state carried: the
+    state of the one switched away from is kept in the checkpoints and restored when switching back."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    tensor_parallel: int = Field(1, ge=1)
+    """Tensor-parallel degree (fairscale's model-parallel layers); ranks = tensor_parallel x data-parallel."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Mixed precision on GPU (bf16 compute, fp32 master weights and reductions); CPU always trains in fp32."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak dense TFLOP/s of one device, for MFU; None uses the GPU's datasheet figure (H100/H200 989,
+    A100 312) and leaves MFU out on CPU."""
     checkpoint_every: int = Field(20, ge=1)
     """Steps between sharded checkpoints (one is always written at the last step)."""
+    keep_checkpoints: int | None = Field(3, ge=1)
+    """Newest committed checkpoints kept; older ones are deleted (None keeps all)."""
+    keep_every: int | None = Field(None, ge=1)
+    """Also keep, for good, every checkpoint whose step is a multiple of this."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background: training goes on while shards are written and uploaded;
+    the commit marker follows once every rank has finished."""
     seed: int = 0
+    spikes: SpikeConfig = SpikeConfig()
+    chaos: ChaosConfig = ChaosConfig()
+
+    @model_validator(mode="after")
+    def _layout_fits(self) -> TrainConfig:
+        if self.num_workers % self.tensor_parallel:
+            raise ValueError(f"train.num_workers={self.num_workers} is not a multiple of train.tensor_parallel={self.tensor_parallel}")
+        return self
 
 
 class EvalConfig(Section):

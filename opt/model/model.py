@@ -28,12 +28,13 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         # (B, T, C) -> (B, H, T, C/H)
         q, k, v = (proj(x).view(B, T, self.n_head, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         # SDPA scales by 1/sqrt(head_dim), as OPT does before the q.k product.
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        # -1, not C: under tensor parallelism this rank holds n_head / tp heads
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class DecoderLayer(nn.Module):

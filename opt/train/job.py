@@ -13,7 +13,8 @@ from opt.config import RunConfig
 from opt.data.manifest import DatasetManifest
 from opt.errors import OptError
 from opt.logbook import Logbook
-from opt.train.checkpoint import CommittedCheckpoint, latest_committed
+from opt.train.checkpoint import CommittedCheckpoint, latest_committed, read_trainer_state
+from opt.train.optim import hparams
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     if existing is not None and existing.step >= cfg.train.max_steps:
         log.info("run %s already has a committed checkpoint at step %d; nothing to train", cfg.train.run, existing.step)
         return TrainResult(uri, mlflow_run_id, existing, {})
+    if existing is not None:
+        _record_changes(read_trainer_state(existing), hparams(t, recipe.lr), existing.step, logbook, mlflow_run_id, cfg)
     logbook.append(
         "run_started" if existing is None else "run_resumed",
         dataset_id=manifest.dataset_id,
@@ -129,6 +132,16 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         raise TrainingError(f"training run {t.run!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     final = latest_committed(uri)
     if final is None or final.step < t.max_steps:
+        gave_up = [e for e in logbook.read() if e["event"] == "spike_gave_up"]
+        if gave_up and (final is None or gave_up[-1]["step"] > final.step):
+            last = gave_up[-1]
+            message = (
+                f"training run {t.run!r} gave up at step {last['step']} after {last['rollbacks']} rollbacks: {last['reason']}; "
+                f"the logbook ({storage.join(uri, 'logbook.jsonl')}) lists every spike. Lower train.lr, raise "
+                "train.spikes.max_rollbacks, or look at the data around the spikes' data steps"
+            )
+            logbook.append("run_failed", error=message)
+            raise TrainingError(message)
         logbook.append("run_failed", error="no final checkpoint")
         raise TrainingError(f"training run {t.run!r} ended without a committed checkpoint at step {t.max_steps}")
     metrics = dict(result.metrics or {})
@@ -141,6 +154,25 @@ def train_worker_entry(payload: dict) -> None:
     from opt.train.loop import train_worker
 
     train_worker(payload)
+
+
+def _record_changes(saved: dict, now: dict, step: int, logbook: Logbook, mlflow_run_id: str, cfg: RunConfig) -> None:
+    """A resume with another optimizer, LR, clipping or betas: say so in the logbook and in MLflow."""
+    from opt.tracking import client
+    from opt.train.optim import changes
+
+    diff = changes(saved.get("hparams", {"optimizer": "adamw"}), now)
+    if not diff:
+        return
+    if "optimizer" in diff:
+        old, new = diff["optimizer"]
+        restored = new in saved.get("dormant_optimizers", [])
+        logbook.append("optimizer_switched", step=step, previous=old, optimizer=new, state="restored" if restored else "new")
+    logbook.append("hparams_changed", step=step, changes=diff)
+    try:
+        client(cfg.tracking.uri).set_tag(mlflow_run_id, f"opt.changes.step-{step}", json.dumps(diff, sort_keys=True))
+    except Exception as e:  # tracking never blocks training
+        log.warning("could not record the changed settings in MLflow: %s", e)
 
 
 def _save_config(cfg: RunConfig, uri: str, logbook: Logbook) -> None:

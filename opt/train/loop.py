@@ -1,35 +1,48 @@
-"""The per-rank training loop Ray Train runs: FSDP2, OPT's AdamW recipe, sharded checkpoints, resume."""
+"""The per-rank training loop: FSDP2, OPT's recipe, sharded checkpoints, exact resume, spike rollbacks.
+
+`train_worker` is what Ray Train runs on each worker; it calls `run_training`, which needs only an
+initialised process group, so tests run it on plain gloo ranks too.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from opt.config import RunConfig
+from opt.config import RunConfig, TrainConfig
 from opt.data.loader import TrainBatches, open_train_sources
 from opt.data.manifest import DatasetManifest
 from opt.logbook import Logbook
-from opt.model import OPT
+from opt.model import OPT, OPTConfig
 from opt.model.plan import train_flops_per_token
-from opt.train.checkpoint import latest_committed, local_copy, read_trainer_state, save_sharded
-from opt.train.recipe import resolve
+from opt.train import spikes
+from opt.train.checkpoint import (
+    CommittedCheckpoint,
+    PendingSave,
+    all_ranks_done,
+    begin_save,
+    finish_save,
+    latest_committed,
+    local_copy,
+    prune,
+    read_trainer_state,
+)
+from opt.train.optim import apply_hparams, build_optimizer, hparams
+from opt.train.recipe import ResolvedRecipe, resolve
 from opt.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (biases and LayerNorm parameters are not decayed)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    t = cfg.train
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=t.betas, eps=t.eps)
+# dense bf16 TFLOP/s per GPU from the datasheets, for MFU when train.peak_tflops is not set
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -39,11 +52,20 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def accumulate_gradients(model: OPT, batches: TrainBatches, step: int, grad_accum: int, device: str) -> torch.Tensor:
+def chaos_factor(t: TrainConfig, data_step: int) -> float:
+    """The factor fault injection applies to this data step's loss (1.0 when none)."""
+    if data_step in t.chaos.nan_batches:
+        return math.nan
+    return t.chaos.poison_scale if data_step in t.chaos.poison_batches else 1.0
+
+
+def accumulate_gradients(
+    model: OPT, batches: TrainBatches, data_step: int, grad_accum: int, device: str, factor: float = 1.0
+) -> torch.Tensor:
     """Forward and backward over the step's `grad_accum` micro-batches; returns their mean loss.
 
-    Micro-batch k of step s reads sample block s * grad_accum + k, so the data order depends only on
-    the seed and the batch size in tokens. Under FSDP2 the gradient reduce-scatter runs once, after
+    Micro-batch k of data step s reads sample block s * grad_accum + k, so the data order depends only
+    on the seed and the batch size in tokens. Under FSDP2 the gradient reduce-scatter runs once, after
     the last micro-batch.
     """
     total = torch.zeros((), device=device)
@@ -51,103 +73,266 @@ def accumulate_gradients(model: OPT, batches: TrainBatches, step: int, grad_accu
     for k in range(grad_accum):
         if callable(set_sync):
             set_sync(k == grad_accum - 1)
-        x, y = batches.batch(step * grad_accum + k)
-        loss = model.loss(x.to(device), y.to(device)) / grad_accum
+        x, y = batches.batch(data_step * grad_accum + k)
+        loss = model.loss(x.to(device), y.to(device)) * (factor / grad_accum)
         loss.backward()
         total += loss.detach()
     return total
 
 
-def shard_model(model: OPT, world: int, device_type: str) -> OPT:
+def shard_model(model: OPT, world: int, device_type: str, precision: str = "fp32") -> OPT:
     """FSDP2: shard each decoder layer, then the root (embeddings, final LayerNorm)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (world,))
+    # bf16 compute with fp32 master weights and fp32 gradient reduction (GPU only)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
-def train_worker(payload: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker. `payload` holds plain data: the config and the manifest."""
-    import ray.train
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def memory_gb(device: str) -> float:
+    """Peak memory of this rank: allocated GPU memory, or the process's peak resident set on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kb / 2**20
+    except (OSError, StopIteration):
+        return math.nan
 
+
+def peak_tflops(t: TrainConfig, device: str) -> float | None:
+    if t.peak_tflops is not None:
+        return t.peak_tflops
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+
+
+@dataclass
+class Trainer:
+    """One rank's model, optimizers and run state; `restore` loads them from a committed checkpoint."""
+
+    cfg: RunConfig
+    model_cfg: OPTConfig
+    recipe: ResolvedRecipe
+    rank: int
+    world: int
+    device: str
+    model: OPT = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    dormant: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    """Optimizers switched away from, kept (and checkpointed) so switching back restores their state."""
+    step: int = 0
+    state: spikes.SpikeState = field(default_factory=spikes.SpikeState)
+
+    def __post_init__(self) -> None:
+        self.fresh()
+
+    def fresh(self) -> None:
+        """The initial weights (the same on every rank before sharding) and a new optimizer."""
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        precision = t.precision if self.device == "cuda" else "fp32"
+        self.model = shard_model(OPT(self.model_cfg).to(self.device), self.world, self.device, precision)
+        self.optimizer = build_optimizer(t.optimizer, self.model, t, self.recipe.lr)
+        self.dormant = {}
+        self.step, self.state = 0, spikes.SpikeState()
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        sd: dict[str, Any] = {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+        }
+        if self.dormant:
+            sd["dormant"] = {name: get_optimizer_state_dict(self.model, o) for name, o in self.dormant.items()}
+        return sd
+
+    def trainer_state(self, manifest: DatasetManifest) -> dict[str, Any]:
+        t = self.cfg.train
+        return {
+            "step": self.step,
+            "seed": t.seed,
+            "dataset_id": manifest.dataset_id,
+            "model": self.model_cfg.to_dict(),
+            "hparams": hparams(t, self.recipe.lr),
+            "dormant_optimizers": sorted(self.dormant),
+            "spikes": self.state.to_dict(),
+        }
+
+    def restore(self, ckpt: CommittedCheckpoint, cache_dir: str) -> dict[str, Any]:
+        """Load weights, optimizer state and run state; the configured optimizer and settings take over."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        t = self.cfg.train
+        saved = read_trainer_state(ckpt)
+        saved_name = saved.get("hparams", {}).get("optimizer", "adamw")
+        names = [saved_name, *saved.get("dormant_optimizers", [])]
+        optims = {name: build_optimizer(name, self.model, t, self.recipe.lr) for name in names}
+        sd: dict[str, Any] = {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, optims[saved_name]),
+        }
+        if len(names) > 1:
+            sd["dormant"] = {name: get_optimizer_state_dict(self.model, optims[name]) for name in names[1:]}
+        dcp.load(sd, checkpoint_id=str(local_copy(ckpt, cache_dir)))
+        set_model_state_dict(self.model, sd["model"])
+        for name, o in optims.items():
+            set_optimizer_state_dict(self.model, o, sd["optim"] if name == saved_name else sd["dormant"][name])
+        # the configured optimizer becomes active: its saved state if it has one, else a fresh one
+        self.optimizer = optims.pop(t.optimizer) if t.optimizer in optims else build_optimizer(t.optimizer, self.model, t, self.recipe.lr)
+        apply_hparams(self.optimizer, t)
+        self.dormant = optims
+        self.step = saved["step"]
+        self.state = spikes.SpikeState.from_dict(saved.get("spikes"))
+        return saved
+
+
+def run_training(payload: dict[str, Any], rank: int, world: int, report: Callable[[dict[str, Any]], None] | None = None) -> Trainer:
+    """Train from the newest committed checkpoint (or from scratch) to `train.max_steps` on this rank.
+
+    Needs an initialised default process group. `payload` holds plain data: the config, the manifest,
+    the run URI, the MLflow run id and a local cache dir. Returns this rank's trainer as it ended.
+    """
     from opt.tracking import MetricsBuffer
+
+    cfg = RunConfig.model_validate(payload["config"])
+    manifest = DatasetManifest.from_json(payload["manifest"])
+    run_uri: str = payload["run_uri"]
+    cache_dir: str = payload["cache_dir"]
+    t = cfg.train
+    device = "cuda" if t.use_gpu else "cpu"
+    logbook = Logbook(run_uri) if rank == 0 else None
+    recipe = resolve(cfg.model.preset, manifest.seq_len, world, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens)
+    trainer = Trainer(cfg, cfg.model.build(manifest.vocab_size, manifest.seq_len), recipe, rank, world, device)
+
+    def note(event: str, **fields: Any) -> None:
+        if logbook is not None:
+            logbook.append(event, **fields)
+
+    ckpt = latest_committed(run_uri, on_skip=lambda uri, why: note("checkpoint_skipped", uri=uri, reason=why))
+    if ckpt is not None:
+        trainer.restore(ckpt, cache_dir)
+        note("resumed", step=trainer.step, checkpoint=ckpt.uri, world_size=world, optimizer=t.optimizer)
+
+    batches = TrainBatches(open_train_sources(manifest, cache_dir), manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
+    spill = Path(cache_dir) / "metrics-pending" / f"{payload['mlflow_run_id']}.json"
+    metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"], spill_path=spill) if rank == 0 else None
+    flops_per_token = train_flops_per_token(trainer.model_cfg, manifest.seq_len)
+    peak = peak_tflops(t, device)
+    background = dist.new_group(backend="gloo") if t.async_checkpoint else None
+    pending: PendingSave | None = None
+
+    def commit(p: PendingSave) -> None:
+        uri = finish_save(p, rank)
+        if rank == 0:
+            note("checkpoint", step=p.step, uri=uri, loss=p.trainer_state.get("loss"))
+            if deleted := prune(run_uri, t.keep_checkpoints, t.keep_every):
+                note("checkpoints_deleted", steps=deleted, keep=t.keep_checkpoints, keep_every=t.keep_every)
+        if report is not None:
+            report({**p.trainer_state.get("metrics", {}), "step": p.step, "checkpoint": uri})
+
+    trainer.model.train()
+    while trainer.step < t.max_steps:
+        step = trainer.step
+        if pending is not None and all_ranks_done(pending, device):
+            commit(pending)
+            pending = None
+        t0 = time.perf_counter()
+        # dropout masks are a function of (seed, step, rank), so a resumed run draws the same ones
+        torch.manual_seed(step_seed(t.seed, step, rank))
+        lr = lr_at(step, recipe.lr, recipe.warmup_steps, t.max_steps, t.min_lr_ratio) * trainer.state.lr_scale
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
+        data_step = step + trainer.state.data_offset
+        loss = accumulate_gradients(trainer.model, batches, data_step, recipe.grad_accum, device, chaos_factor(t, data_step))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.grad_clip)
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)  # gloo has no AVG
+        mean_loss /= world
+        norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        loss_value = mean_loss.item()
+        # every rank sees the same reduced loss and norm, so every rank takes the same decision
+        reason = spikes.spike_reason(t.spikes, trainer.state, loss_value, norm) if t.spikes.enabled else None
+        if reason is not None:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if pending is not None:  # the checkpoint being written was healthy: it may be the one to go back to
+                commit(pending)
+                pending = None
+            note("spike", step=step + 1, data_step=data_step, reason=reason, loss=loss_value, grad_norm=norm)
+            if trainer.state.rollbacks >= t.spikes.max_rollbacks:
+                note("spike_gave_up", step=step + 1, reason=reason, rollbacks=trainer.state.rollbacks)
+                log.error("giving up at step %d after %d rollbacks: %s", step + 1, trainer.state.rollbacks, reason)
+                break
+            current = trainer.state
+            good = latest_committed(run_uri, on_skip=lambda uri, why: note("checkpoint_skipped", uri=uri, reason=why))
+            if good is None:
+                trainer.fresh()
+            else:
+                trainer.restore(good, cache_dir)
+            trainer.state = spikes.after_rollback(t.spikes, trainer.state, current, trainer.step, step)
+            trainer.model.train()
+            skipped = [data_step - (step - trainer.step), data_step]
+            note("rollback", to_step=trainer.step, checkpoint=good.uri if good else None, skipped_data_steps=skipped,
+                 lr_scale=trainer.state.lr_scale, rollbacks=trainer.state.rollbacks)  # fmt: skip
+            if metrics is not None:
+                metrics.log({"spike_rollbacks": trainer.state.rollbacks, "lr_scale": trainer.state.lr_scale}, step + 1)
+            log.warning("spike at step %d (%s): back to step %d, LR x%.3g", step + 1, reason, trainer.step, trainer.state.lr_scale)
+            continue
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.state = spikes.observe(t.spikes, trainer.state, loss_value)
+        trainer.step = step + 1
+        dt = time.perf_counter() - t0
+        tflops = recipe.batch_tokens * flops_per_token / dt / 1e12
+        last = {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": norm,
+            "tokens_per_s": recipe.batch_tokens / dt,
+            "tflops_per_s": tflops,
+            "memory_gb": memory_gb(device),
+        }
+        if peak is not None:
+            last["mfu"] = tflops / world / peak
+        if metrics is not None:
+            metrics.log(last, step + 1)
+            if (step + 1) % 10 == 0 or step == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, t.max_steps, loss_value, lr, last["tokens_per_s"])
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
+            if pending is not None:  # one save in flight at a time
+                commit(pending)
+            state = {**trainer.trainer_state(manifest), "loss": loss_value, "metrics": last}
+            pending = begin_save(trainer.state_dict(), state, run_uri, step + 1, rank, cache_dir, background)
+            if background is None:
+                commit(pending)
+                pending = None
+    if pending is not None:
+        commit(pending)
+    if metrics is not None and not metrics.close():
+        log.warning("some metrics could not be sent to MLflow yet; the next run of %s sends them", run_uri)
+    return trainer
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker (Ray has set up the process group)."""
+    import ray.train
 
     # Ray forwards worker logging once (printed lines twice), so progress goes through logging
     logging.getLogger("opt").setLevel(logging.INFO)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = RunConfig.model_validate(payload["config"])
-    manifest = DatasetManifest.from_json(payload["manifest"])
-    run_uri: str = payload["run_uri"]
-    t = cfg.train
-    device = "cuda" if t.use_gpu else "cpu"
-    logbook = Logbook(run_uri)
-
-    torch.manual_seed(t.seed)  # same init on every rank before sharding
-    model_cfg = cfg.model.build(manifest.vocab_size, manifest.seq_len)
-    model = shard_model(OPT(model_cfg).to(device), world, device)
-    recipe = resolve(cfg.model.preset, manifest.seq_len, world, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens)
-    optimizer = build_optimizer(model, cfg, recipe.lr)
-
-    start = 0
-    skipped = (lambda uri, why: logbook.append("checkpoint_skipped", uri=uri, reason=why)) if rank == 0 else None
-    ckpt = latest_committed(run_uri, on_skip=skipped)
-    if ckpt is not None:
-        import torch.distributed.checkpoint as dcp
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local_copy(ckpt, payload["cache_dir"])))
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-        start = read_trainer_state(ckpt)["step"]
-        if rank == 0:
-            logbook.append("resumed", step=start, checkpoint=ckpt.uri, world_size=world)
-
-    batches = TrainBatches(open_train_sources(manifest, payload["cache_dir"]), manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
-    spill = Path(payload["cache_dir"]) / "metrics-pending" / f"{payload['mlflow_run_id']}.json"
-    metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"], spill_path=spill) if rank == 0 else None
-    flops_per_token = train_flops_per_token(model_cfg, manifest.seq_len)
-    tokens_per_step = recipe.batch_tokens
-    last: dict[str, float] = {}
-    model.train()
-    for step in range(start, t.max_steps):
-        t0 = time.perf_counter()
-        # dropout masks are a function of (seed, step, rank), so a resumed run draws the same ones
-        torch.manual_seed(step_seed(t.seed, step, rank))
-        lr = lr_at(step, recipe.lr, recipe.warmup_steps, t.max_steps, t.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = accumulate_gradients(model, batches, step, recipe.grad_accum, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG if device == "cuda" else dist.ReduceOp.SUM)
-        if device != "cuda":  # gloo has no AVG
-            mean_loss /= world
-        dt = time.perf_counter() - t0
-        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        last = {
-            "loss": mean_loss.item(),
-            "lr": lr,
-            "grad_norm": float(norm),
-            "tokens_per_s": tokens_per_step / dt,
-            "tflops_per_s": tokens_per_step * flops_per_token / dt / 1e12,
-        }
-        if metrics is not None:
-            metrics.log(last, step + 1)
-            if (step + 1) % 10 == 0 or step == start:
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, t.max_steps, last["loss"], lr, last["tokens_per_s"])
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            trainer_state = {"step": step + 1, "seed": t.seed, "dataset_id": manifest.dataset_id, "model": model_cfg.to_dict()}
-            uri = save_sharded({"model": model_sd, "optim": optim_sd}, trainer_state, run_uri, step + 1, rank, payload["cache_dir"])
-            if rank == 0:
-                logbook.append("checkpoint", step=step + 1, uri=uri, loss=last["loss"])
-            ray.train.report({**last, "step": step + 1, "checkpoint": uri})
-    if metrics is not None and not metrics.close():
-        log.warning("some metrics could not be sent to MLflow yet; the next run of %s sends them", run_uri)
+    run_training(payload, ctx.get_world_rank(), ctx.get_world_size(), report=ray.train.report)

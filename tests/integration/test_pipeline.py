@@ -199,3 +199,33 @@ def test_resume_from_a_checkpoint_is_bitwise_exact(pipeline_run):
     assert events and events[-1]["step"] == 4
     again = load_checkpoint_model(resumed.checkpoint, root / "cache2").state_dict()
     assert all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted)
+
+
+def test_resume_with_another_optimizer_and_clipping_is_recorded(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    root, _ = pipeline_run
+    cfg = load_config(None, overrides(root, **{"train.run": "sgd", "train.max_steps": 4, "train.checkpoint_every": 2}))
+    stages.train(cfg)
+    switched = load_config(None, overrides(root, **{"train.run": "sgd", "train.max_steps": 6, "train.checkpoint_every": 2,
+                                                    "train.optimizer": "sgd", "train.grad_clip": 0.3}))  # fmt: skip
+    result = stages.train(switched)
+    assert result.checkpoint.step == 6
+    book = Logbook(result.run_uri).read()
+    switch = [e for e in book if e["event"] == "optimizer_switched"][-1]
+    assert (switch["previous"], switch["optimizer"], switch["step"], switch["state"]) == ("adamw", "sgd", 4, "new")
+    changed = [e for e in book if e["event"] == "hparams_changed"][-1]["changes"]
+    assert changed == {"optimizer": ["adamw", "sgd"], "grad_clip": [1.0, 0.3]}
+    tags = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(result.mlflow_run_id).data.tags
+    assert json.loads(tags["opt.changes.step-4"]) == changed
+
+
+def test_a_run_that_keeps_spiking_fails_with_the_reason(pipeline_run):
+    from opt.train.job import TrainingError
+
+    root, _ = pipeline_run
+    cfg = load_config(None, overrides(root, **{"train.run": "spiky", "train.max_steps": 6, "train.checkpoint_every": 2,
+                                               "train.spikes.warmup_steps": 1, "train.spikes.max_rollbacks": 1,
+                                               "train.chaos.nan_batches": "[3, 4, 5, 6, 7, 8]"}))  # fmt: skip
+    with pytest.raises(TrainingError, match=r"gave up at step \d after 1 rollbacks: loss is nan.*logbook"):
+        stages.train(cfg)

@@ -47,8 +47,8 @@ def test_two_accumulated_micro_batches_equal_one_batch_of_twice_the_size():
     one = OPT(cfg)
     two = OPT(cfg)
     two.load_state_dict(one.state_dict())
-    loss_one = accumulate_gradients(one, TrainBatches(tokens, 16, 8, 0, 1, seed=1), step=3, grad_accum=1, device="cpu")
-    loss_two = accumulate_gradients(two, TrainBatches(tokens, 16, 4, 0, 1, seed=1), step=3, grad_accum=2, device="cpu")
+    loss_one = accumulate_gradients(one, TrainBatches(tokens, 16, 8, 0, 1, seed=1), data_step=3, grad_accum=1, device="cpu")
+    loss_two = accumulate_gradients(two, TrainBatches(tokens, 16, 4, 0, 1, seed=1), data_step=3, grad_accum=2, device="cpu")
     assert loss_two.item() == pytest.approx(loss_one.item(), rel=1e-6)
     for (name, a), b in zip(one.named_parameters(), two.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-5), name
