@@ -95,6 +95,10 @@ class OPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T)."""
+        return F.linear(self.hidden(idx), self.embed_tokens.weight)  # tied output embedding
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (B, T, E), before the tied output projection."""
         B, T = idx.shape
         if self.cfg.max_seq_len < T:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -109,7 +113,7 @@ class OPT(nn.Module):
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        return F.linear(x, self.embed_tokens.weight)  # tied output embedding
+        return x
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; targets equal to -100 are ignored."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
+
 from opt.model import OPT, OPTConfig
 from opt.model.checkpoint import save_consolidated
 from opt.train.checkpoint import CommittedCheckpoint, local_copy, read_trainer_state
@@ -14,12 +16,28 @@ def load_checkpoint_model(ckpt: CommittedCheckpoint, cache_dir: str | Path) -> O
     """The model weights of a committed checkpoint in one process (DCP reshards N ranks onto 1)."""
     import torch.distributed.checkpoint as dcp
 
-    model = OPT(OPTConfig.from_dict(read_trainer_state(ckpt)["model"]))
-    state = {"model": model.state_dict()}
+    trainer = read_trainer_state(ckpt)
+    model = OPT(OPTConfig.from_dict(trainer["model"]))
+    tp = trainer.get("tensor_parallel", 1)
+    full = model.state_dict()
+    if tp == 1:
+        state = {"model": full}
+    else:
+        from opt.train.tensor_parallel import split_dim
+
+        # tp rank r's shards are stored under "tp<r>" (see Trainer.state_dict): load each, then join them
+        def local(key: str, t: torch.Tensor) -> torch.Tensor:
+            dim = split_dim(key)
+            return torch.empty_like(t) if dim is None else torch.empty_like(t.chunk(tp, dim=dim)[0])
+
+        state = {f"tp{r}": {"model": {k: local(k, v) for k, v in full.items()}} for r in range(tp)}
     with warnings.catch_warnings():
         # loading without a process group is exactly the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(local_copy(ckpt, cache_dir)))
+    if tp > 1:
+        parts = [state[f"tp{r}"]["model"] for r in range(tp)]
+        state = {"model": {k: parts[0][k] if (d := split_dim(k)) is None else torch.cat([p[k] for p in parts], dim=d) for k in full}}
     model.load_state_dict(state["model"])
     return model.eval()
 

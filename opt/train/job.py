@@ -63,7 +63,14 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     t = cfg.train
     # a batch size the run's shape cannot reach fails here, before anything is written, not in every worker
     recipe = resolve(
-        cfg.model.preset, manifest.seq_len, t.num_workers, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens
+        cfg.model.preset,
+        manifest.seq_len,
+        t.num_workers // t.tensor_parallel,
+        t.micro_batch_size,
+        t.max_steps,
+        t.lr,
+        t.warmup_steps,
+        t.batch_tokens,
     )
     uri = run_uri(cfg)
     logbook = Logbook(uri)
@@ -91,6 +98,11 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     if existing is not None and existing.step >= cfg.train.max_steps:
         log.info("run %s already has a committed checkpoint at step %d; nothing to train", cfg.train.run, existing.step)
         return TrainResult(uri, mlflow_run_id, existing, {})
+    if existing is not None and (saved_tp := read_trainer_state(existing).get("tensor_parallel", 1)) != t.tensor_parallel:
+        raise TrainingError(
+            f"run {t.run!r} was trained with train.tensor_parallel={saved_tp}; resume it with the same value "
+            "(train.num_workers may change), or start a new run"
+        )
     if existing is not None:
         _record_changes(read_trainer_state(existing), hparams(t, recipe.lr), existing.step, logbook, mlflow_run_id, cfg)
     logbook.append(

@@ -131,21 +131,59 @@ class Trainer:
     """Optimizers switched away from, kept (and checkpointed) so switching back restores their state."""
     step: int = 0
     state: spikes.SpikeState = field(default_factory=spikes.SpikeState)
+    layout: Any = None
+    """The dp x tp `ParallelLayout` when train.tensor_parallel > 1, else None (pure FSDP2 over all ranks)."""
 
     def __post_init__(self) -> None:
+        if self.cfg.train.tensor_parallel > 1:
+            from opt.train.tensor_parallel import init_layout
+
+            self.layout = init_layout(self.cfg.train.tensor_parallel, self.device)
         self.fresh()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.dp_rank if self.layout is not None else self.rank
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp if self.layout is not None else self.world
+
+    def clip_gradients(self) -> float:
+        """Clip to train.grad_clip; returns the global gradient norm before clipping (the same on every rank)."""
+        max_norm = self.cfg.train.grad_clip
+        if self.layout is not None:
+            from opt.train.tensor_parallel import clip_grad_norm_
+
+            return float(clip_grad_norm_(self.model, max_norm, self.layout))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _per_tp_rank(self, sd: dict[str, Any]) -> dict[str, Any]:
+        # tp ranks hold different tensors under the same names: one key per tp rank keeps DCP from merging them
+        return {f"tp{self.layout.tp_rank}": sd} if self.layout is not None else sd
 
     def fresh(self) -> None:
         """The initial weights (the same on every rank before sharding) and a new optimizer."""
         t = self.cfg.train
         torch.manual_seed(t.seed)
         precision = t.precision if self.device == "cuda" else "fp32"
-        self.model = shard_model(OPT(self.model_cfg).to(self.device), self.world, self.device, precision)
+        model = OPT(self.model_cfg).to(self.device)
+        if self.layout is None:
+            self.model = shard_model(model, self.world, self.device, precision)
+        else:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            from opt.train.tensor_parallel import shard_data_parallel, tensor_parallel
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
+            self.model = shard_data_parallel(tensor_parallel(model, self.layout), self.layout, mp)
         self.optimizer = build_optimizer(t.optimizer, self.model, t, self.recipe.lr)
         self.dormant = {}
         self.step, self.state = 0, spikes.SpikeState()
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds: model, active optimizer and dormant optimizers (per tp rank under TP)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         sd: dict[str, Any] = {
@@ -154,7 +192,7 @@ class Trainer:
         }
         if self.dormant:
             sd["dormant"] = {name: get_optimizer_state_dict(self.model, o) for name, o in self.dormant.items()}
-        return sd
+        return self._per_tp_rank(sd)
 
     def trainer_state(self, manifest: DatasetManifest) -> dict[str, Any]:
         t = self.cfg.train
@@ -166,6 +204,7 @@ class Trainer:
             "hparams": hparams(t, self.recipe.lr),
             "dormant_optimizers": sorted(self.dormant),
             "spikes": self.state.to_dict(),
+            "tensor_parallel": t.tensor_parallel,
         }
 
     def restore(self, ckpt: CommittedCheckpoint, cache_dir: str) -> dict[str, Any]:
@@ -180,6 +219,11 @@ class Trainer:
 
         t = self.cfg.train
         saved = read_trainer_state(ckpt)
+        if saved.get("tensor_parallel", 1) != t.tensor_parallel:
+            raise ValueError(
+                f"{ckpt.uri} was written with train.tensor_parallel={saved.get('tensor_parallel', 1)}; resume with the same "
+                "(the data-parallel size may change)"
+            )
         saved_name = saved.get("hparams", {}).get("optimizer", "adamw")
         names = [saved_name, *saved.get("dormant_optimizers", [])]
         optims = {name: build_optimizer(name, self.model, t, self.recipe.lr) for name in names}
@@ -189,7 +233,7 @@ class Trainer:
         }
         if len(names) > 1:
             sd["dormant"] = {name: get_optimizer_state_dict(self.model, optims[name]) for name in names[1:]}
-        dcp.load(sd, checkpoint_id=str(local_copy(ckpt, cache_dir)))
+        dcp.load(self._per_tp_rank(sd), checkpoint_id=str(local_copy(ckpt, cache_dir)))
         set_model_state_dict(self.model, sd["model"])
         for name, o in optims.items():
             set_optimizer_state_dict(self.model, o, sd["optim"] if name == saved_name else sd["dormant"][name])
@@ -217,7 +261,9 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
     t = cfg.train
     device = "cuda" if t.use_gpu else "cpu"
     logbook = Logbook(run_uri) if rank == 0 else None
-    recipe = resolve(cfg.model.preset, manifest.seq_len, world, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens)
+    # every tp group reads one data-parallel share: the batch is split over dp ranks only
+    dp = world // t.tensor_parallel
+    recipe = resolve(cfg.model.preset, manifest.seq_len, dp, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens)
     trainer = Trainer(cfg, cfg.model.build(manifest.vocab_size, manifest.seq_len), recipe, rank, world, device)
 
     def note(event: str, **fields: Any) -> None:
@@ -229,7 +275,9 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
         trainer.restore(ckpt, cache_dir)
         note("resumed", step=trainer.step, checkpoint=ckpt.uri, world_size=world, optimizer=t.optimizer)
 
-    batches = TrainBatches(open_train_sources(manifest, cache_dir), manifest.seq_len, t.micro_batch_size, rank, world, t.seed)
+    batches = TrainBatches(
+        open_train_sources(manifest, cache_dir), manifest.seq_len, t.micro_batch_size, trainer.dp_rank, trainer.dp, t.seed
+    )
     spill = Path(cache_dir) / "metrics-pending" / f"{payload['mlflow_run_id']}.json"
     metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"], spill_path=spill) if rank == 0 else None
     flops_per_token = train_flops_per_token(trainer.model_cfg, manifest.seq_len)
@@ -253,18 +301,18 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
             commit(pending)
             pending = None
         t0 = time.perf_counter()
-        # dropout masks are a function of (seed, step, rank), so a resumed run draws the same ones
-        torch.manual_seed(step_seed(t.seed, step, rank))
+        # dropout masks are a function of (seed, step, dp rank), so a resumed run draws the same ones; the
+        # ranks of a tp group share the seed, so their replicated activations stay identical
+        torch.manual_seed(step_seed(t.seed, step, trainer.dp_rank))
         lr = lr_at(step, recipe.lr, recipe.warmup_steps, t.max_steps, t.min_lr_ratio) * trainer.state.lr_scale
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr
         data_step = step + trainer.state.data_offset
         loss = accumulate_gradients(trainer.model, batches, data_step, recipe.grad_accum, device, chaos_factor(t, data_step))
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.grad_clip)
+        norm = trainer.clip_gradients()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)  # gloo has no AVG
         mean_loss /= world
-        norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         loss_value = mean_loss.item()
         # every rank sees the same reduced loss and norm, so every rank takes the same decision
         reason = spikes.spike_reason(t.spikes, trainer.state, loss_value, norm) if t.spikes.enabled else None

@@ -23,10 +23,10 @@ from fairscale.nn import model_parallel as mpu
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
-from opt.model.config import POSITION_OFFSET, OPTConfig
+from opt.model.config import OPTConfig
 from opt.model.model import OPT, DecoderLayer, SelfAttention
 
 # Modules whose parameters are split over tp, and the dim each parameter is split on. RowParallelLinear's bias is
@@ -38,6 +38,18 @@ _SPLIT_DIMS: dict[type[nn.Module], dict[str, int]] = {
 }
 
 _M = TypeVar("_M", bound=nn.Module)
+
+# The same, by OPT's parameter names, for code that has a checkpoint but no TP model (export)
+_SPLIT_BY_NAME = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "fc1": 0, "out_proj": 1, "fc2": 1, "embed_tokens": 0}
+
+
+def split_dim(key: str) -> int | None:
+    """The dim along which tensor parallelism splits state-dict entry `key` (None: replicated on every tp rank)."""
+    *_, module, name = key.split(".")
+    dim = _SPLIT_BY_NAME.get(module)
+    if dim is None or (name == "bias" and dim == 1):  # a row-parallel bias is added after the all-reduce
+        return None
+    return dim
 
 
 @dataclass(frozen=True)
@@ -96,23 +108,8 @@ class _TensorParallelOPT(OPT):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """This rank's vocab slice of the logits, (B, T, vocab / tp)."""
-        # Same as OPT.forward up to the output projection (the embedding already reduces over tp).
-        B, T = idx.shape
-        if self.cfg.max_seq_len < T:
-            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        x = self.embed_tokens(idx)
-        if self.project_in is not None:
-            x = self.project_in(x)
-        pos = torch.arange(POSITION_OFFSET, T + POSITION_OFFSET, device=idx.device)
-        x = x + self.embed_positions(pos)
-        for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False) if self.cfg.activation_checkpointing and self.training else layer(x)
-        if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
-        if self.project_out is not None:
-            x = self.project_out(x)
-        # Each rank sees only its vocab rows, so the gradient w.r.t. x must be summed over tp in backward.
-        return F.linear(mpu.copy_to_model_parallel_region(x), self.embed_tokens.weight)
+        # Each rank sees only its vocab rows, so the gradient w.r.t. the hidden states is summed over tp in backward.
+        return F.linear(mpu.copy_to_model_parallel_region(self.hidden(idx)), self.embed_tokens.weight)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the vocab shards; targets equal to -100 are ignored."""
@@ -177,13 +174,14 @@ def tensor_parallel(model: OPT, layout: ParallelLayout) -> OPT:
     return model
 
 
-def shard_data_parallel(model: OPT, layout: ParallelLayout) -> OPT:
+def shard_data_parallel(model: OPT, layout: ParallelLayout, mp_policy: MixedPrecisionPolicy | None = None) -> OPT:
     """FSDP2 over the dp sub-mesh: each decoder layer, then the root (embeddings, final LayerNorm)."""
     from torch.distributed.fsdp import fully_shard
 
+    mp = mp_policy or MixedPrecisionPolicy()
     for layer in model.layers:
-        fully_shard(layer, mesh=layout.dp_mesh)
-    fully_shard(model, mesh=layout.dp_mesh)
+        fully_shard(layer, mesh=layout.dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=layout.dp_mesh, mp_policy=mp)
     return model
 
 
