@@ -96,19 +96,39 @@ class ChaosConfig(Section):
     poison_scale: float = Field(100.0, gt=0)
     nan_batches: list[int] = Field(default_factory=list)
     """Data steps whose loss is NaN."""
+    step_sleep_s: float = Field(0.0, ge=0)
+    """Extra seconds per step, to give a drill time to strike mid-run."""
+    checkpoint_sleep_s: float = Field(0.0, ge=0)
+    """Seconds between writing a checkpoint's shards and committing it (a window to kill a node in)."""
+    crash_at_step: int | None = Field(None, ge=0)
+    """Every attempt's rank 0 raises at this step: a job that cannot make progress."""
+    hang_at_step: int | None = Field(None, ge=0)
+    """On the first attempt, the last rank stops answering at this step, so its peers' collective hangs."""
 
 
 class TrainConfig(Section):
     run: str = Field("tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: `<store>/runs/<run>/`; the same name resumes from the newest committed checkpoint."""
     num_workers: int = Field(2, ge=1)
-    """Ray Train workers (one rank each)."""
+    """Ray Train workers (one rank each); with `min_workers`, the most the run uses."""
+    min_workers: int | None = Field(None, ge=1)
+    """Elastic training: start (and restart) with as few as this many workers when the cluster has no
+    room for `num_workers`; checkpoints reshard to the new count. None: always exactly `num_workers`."""
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0)
+    """GPUs per worker when `use_gpu`."""
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per worker (e.g. `{trainer_slot: 1}`), besides CPUs and GPUs."""
     ray_address: str | None = None
     """Ray cluster address; None starts (or joins) a local instance."""
     max_failures: int = Field(3, ge=0)
-    """Worker-group restarts Ray Train allows before the run fails."""
+    """Restarts allowed in a row without a new committed checkpoint; one more failure stops the run.
+    A run that makes progress between failures keeps going (OPT-175B restarted over 100 times)."""
+    exclude_node_after: int = Field(2, ge=1)
+    """Failures on one node before later restarts keep off it (if the rest of the cluster has room)."""
+    collective_timeout_s: int = Field(600, ge=10)
+    """A collective (all-reduce, barrier) that hangs this long fails the attempt, which is then restarted."""
     max_steps: int = Field(40, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per rank per step."""
@@ -152,9 +172,17 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _layout_fits(self) -> TrainConfig:
-        if self.num_workers % self.tensor_parallel:
-            raise ValueError(f"train.num_workers={self.num_workers} is not a multiple of train.tensor_parallel={self.tensor_parallel}")
+        for n in self.worker_counts:
+            if n % self.tensor_parallel:
+                raise ValueError(f"{n} workers is not a multiple of train.tensor_parallel={self.tensor_parallel}")
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"train.min_workers={self.min_workers} exceeds train.num_workers={self.num_workers}")
         return self
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may get: `num_workers` alone unless elastic."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
 
 class EvalConfig(Section):

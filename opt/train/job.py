@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from opt import storage
-from opt.config import RunConfig
+from opt.config import RunConfig, TrainConfig
 from opt.data.manifest import DatasetManifest
 from opt.errors import OptError
 from opt.logbook import Logbook
@@ -53,25 +57,26 @@ def _ray_init(cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     """Start or resume run `cfg.train.run` on `manifest`'s dataset; returns its final committed checkpoint."""
-    from ray.train import FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
-
     from opt.tracking import get_or_create_run
     from opt.train.recipe import resolve
 
     t = cfg.train
-    # a batch size the run's shape cannot reach fails here, before anything is written, not in every worker
-    recipe = resolve(
-        cfg.model.preset,
-        manifest.seq_len,
-        t.num_workers // t.tensor_parallel,
-        t.micro_batch_size,
-        t.max_steps,
-        t.lr,
-        t.warmup_steps,
-        t.batch_tokens,
-    )
+    # a batch size the run's shape cannot reach fails here, before anything is written, not in every worker;
+    # an elastic run must reach it with every worker count it may get
+    recipes = [
+        resolve(
+            cfg.model.preset,
+            manifest.seq_len,
+            n // t.tensor_parallel,
+            t.micro_batch_size,
+            t.max_steps,
+            t.lr,
+            t.warmup_steps,
+            t.batch_tokens,
+        )  # fmt: skip
+        for n in t.worker_counts
+    ]
+    recipe = recipes[-1]
     uri = run_uri(cfg)
     logbook = Logbook(uri)
     run_file = storage.join(uri, RUN_FILE)
@@ -127,21 +132,11 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         "cache_dir": str(scratch / "cache"),
     }
     _ray_init(cfg)
-    trainer = TorchTrainer(
-        train_worker_entry,
-        train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RayRunConfig(
-            name=t.run,
-            storage_path=str(scratch / "ray"),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-    )
     try:
-        result = trainer.fit()
-    except Exception as e:
-        logbook.append("run_failed", error=f"{type(e).__name__}: {e}"[:2000])
-        raise TrainingError(f"training run {t.run!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        result = _fit_with_restarts(cfg, payload, logbook)
+    except TrainingError:
+        _log_logbook(cfg, uri, mlflow_run_id, logbook)
+        raise
     final = latest_committed(uri)
     if final is None or final.step < t.max_steps:
         gave_up = [e for e in logbook.read() if e["event"] == "spike_gave_up"]
@@ -153,12 +148,157 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
                 "train.spikes.max_rollbacks, or look at the data around the spikes' data steps"
             )
             logbook.append("run_failed", error=message)
+            _log_logbook(cfg, uri, mlflow_run_id, logbook)
             raise TrainingError(message)
         logbook.append("run_failed", error="no final checkpoint")
+        _log_logbook(cfg, uri, mlflow_run_id, logbook)
         raise TrainingError(f"training run {t.run!r} ended without a committed checkpoint at step {t.max_steps}")
     metrics = dict(result.metrics or {})
     logbook.append("run_finished", step=final.step, checkpoint=final.uri, loss=metrics.get("loss"))
+    _log_logbook(cfg, uri, mlflow_run_id, logbook)
     return TrainResult(uri, mlflow_run_id, final, metrics)
+
+
+def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
+    """Run attempts until one finishes: each failure is logged with its rank, node and error, nodes that
+    keep failing are kept out, and the run stops after `max_failures` attempts in a row without progress.
+
+    Restarts are ours, not Ray Train's (its FailureConfig is 0), so each new attempt can change placement
+    and the logbook sees every failure. Every attempt resumes from the newest committed checkpoint.
+    """
+    from ray.train import FailureConfig, TrainingFailedError
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    run_uri = payload["run_uri"]
+    storage_path, filesystem = _ray_storage(cfg)
+    excluded: list[str] = []
+    node_failures: Counter[str] = Counter()
+    in_a_row = 0
+    for attempt in itertools.count(1):
+        before = _committed_step(run_uri)
+        trainer = TorchTrainer(
+            train_worker_entry,
+            train_loop_config={**payload, "attempt": attempt},
+            scaling_config=_scaling(t, excluded),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=t.collective_timeout_s),
+            run_config=RayRunConfig(
+                name=t.run, storage_path=storage_path, storage_filesystem=filesystem, failure_config=FailureConfig(max_failures=0)
+            ),
+        )
+        try:
+            return trainer.fit()
+        except TrainingFailedError as e:
+            failed_at = time.time()
+            last_error = _record_failure(e, attempt, logbook, node_failures)
+            in_a_row = 0 if _committed_step(run_uri) > before else in_a_row + 1
+            if in_a_row > t.max_failures:
+                message = (
+                    f"training run {t.run!r} stopped: {in_a_row} failed attempts in a row without a new checkpoint "
+                    f"(train.max_failures={t.max_failures}); last error: {last_error}. The logbook "
+                    f"({logbook.uri}) lists every failure"
+                )
+                logbook.append("run_failed", error=message)
+                raise TrainingError(message) from None
+            for node, count in node_failures.items():
+                if count >= t.exclude_node_after and node not in excluded:
+                    if _has_room(t, [*excluded, node]):
+                        excluded.append(node)
+                        logbook.append("node_excluded", node=node, failures=count)
+                    else:
+                        logbook.append("node_kept", node=node, failures=count, reason="the other nodes have no room for the workers")
+            logbook.append("restart", attempt=attempt + 1, failures_in_a_row=in_a_row, excluded_nodes=excluded,
+                           decided_in_s=round(time.time() - failed_at, 3))  # fmt: skip
+            log.warning("attempt %d of run %s failed (%s); restarting", attempt, t.run, last_error)
+    raise AssertionError("unreachable")
+
+
+def _record_failure(e: Exception, attempt: int, logbook: Logbook, node_failures: Counter[str]) -> str:
+    """One `failure` entry per failed rank (with its node and host, as the attempt's workers reported them)."""
+    started = [ev for ev in logbook.read() if ev["event"] == "workers_started" and ev.get("attempt") == attempt]
+    workers: dict[str, dict[str, str]] = started[-1]["workers"] if started else {}
+    per_rank: dict[int, BaseException] = getattr(e, "worker_failures", None) or {}
+    if not per_rank:
+        logbook.append("failure", attempt=attempt, error=_one_line(e))
+        return _one_line(e)
+    import ray
+
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    for rank, exc in sorted(per_rank.items()):
+        where = workers.get(str(rank), {})
+        # the worker process is unreachable (its node or the process died), not a Python error in a live worker;
+        # node_lost: Ray already knows the node is dead (its health checks take a few seconds to say so)
+        lost = type(exc).__name__ in _LOST_WORKER_ERRORS
+        node_lost = bool(where.get("node")) and where["node"] not in alive
+        logbook.append("failure", attempt=attempt, rank=rank, node=where.get("node"), host=where.get("host"), worker_lost=lost or node_lost,
+                       node_lost=node_lost, error=_one_line(exc))  # fmt: skip
+        if where.get("node"):
+            node_failures[where["node"]] += 1
+    return _one_line(next(iter(per_rank.values())))
+
+
+_LOST_WORKER_ERRORS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError")
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    # Ray wraps the worker's traceback: its last line is the exception itself
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def _committed_step(run_uri: str) -> int:
+    ckpt = latest_committed(run_uri)
+    return ckpt.step if ckpt else 0
+
+
+def _scaling(t: TrainConfig, excluded: list[str]) -> Any:
+    from ray.train.v2.api.config import ScalingConfig  # the Train V2 class ray.train exports (mypy sees V1 there)
+
+    resources = {"CPU": t.cpus_per_worker, **t.resources_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    return ScalingConfig(
+        num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker=resources,
+        label_selector={"ray.io/node-id": f"!in({','.join(excluded)})"} if excluded else None,
+    )
+
+
+def _has_room(t: TrainConfig, excluded: list[str]) -> bool:
+    """Whether the alive nodes outside `excluded` can hold the smallest worker group the run accepts."""
+    import ray
+
+    need = {"CPU": t.cpus_per_worker, **t.resources_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    slots = 0
+    for node in ray.nodes():
+        if node.get("Alive") and node["NodeID"] not in excluded:
+            have = node.get("Resources", {})
+            slots += int(min(have.get(k, 0) // v for k, v in need.items() if v > 0))
+    return slots >= (t.min_workers or t.num_workers)
+
+
+def _ray_storage(cfg: RunConfig) -> tuple[str, Any]:
+    """Ray Train's run storage inside the store: a local path, or S3 (through the configured endpoint)."""
+    uri = storage.join(cfg.storage.root, "ray")
+    if not storage.is_s3(uri):
+        return uri, None
+    import pyarrow.fs
+
+    endpoint = cfg.storage.s3_endpoint_url or os.environ.get("OPT_S3_ENDPOINT_URL")
+    return uri.removeprefix("s3://"), pyarrow.fs.S3FileSystem(endpoint_override=endpoint) if endpoint else pyarrow.fs.S3FileSystem()
+
+
+def _log_logbook(cfg: RunConfig, uri: str, mlflow_run_id: str, logbook: Logbook) -> None:
+    """The rendered logbook goes to MLflow with the run (and stays in the store as logbook.jsonl)."""
+    from opt.logbook import render_markdown
+    from opt.tracking import client
+
+    try:
+        client(cfg.tracking.uri).log_text(mlflow_run_id, render_markdown(cfg.train.run, logbook.read()), "logbook.md")
+    except Exception as e:  # tracking never blocks training
+        log.warning("could not send the logbook to MLflow: %s", e)
 
 
 def train_worker_entry(payload: dict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,17 @@ def chaos_factor(t: TrainConfig, data_step: int) -> float:
     if data_step in t.chaos.nan_batches:
         return math.nan
     return t.chaos.poison_scale if data_step in t.chaos.poison_batches else 1.0
+
+
+def _drill(t: TrainConfig, step: int, rank: int, world: int, attempt: int | None) -> None:
+    """Fault injection (train.chaos) at the start of a step; nothing happens in a real run."""
+    c = t.chaos
+    time.sleep(c.step_sleep_s)
+    if c.crash_at_step == step and rank == 0:
+        raise RuntimeError(f"chaos: rank 0 crashes at step {step} (train.chaos.crash_at_step)")
+    if c.hang_at_step == step and rank == world - 1 and attempt in (None, 1):
+        log.warning("chaos: rank %d stops answering at step %d (train.chaos.hang_at_step)", rank, step)
+        time.sleep(10**6)
 
 
 def accumulate_gradients(
@@ -246,7 +258,9 @@ class Trainer:
         return saved
 
 
-def run_training(payload: dict[str, Any], rank: int, world: int, report: Callable[[dict[str, Any]], None] | None = None) -> Trainer:
+def run_training(
+    payload: dict[str, Any], rank: int, world: int, report: Callable[[dict[str, Any]], None] | None = None, node: str | None = None
+) -> Trainer:
     """Train from the newest committed checkpoint (or from scratch) to `train.max_steps` on this rank.
 
     Needs an initialised default process group. `payload` holds plain data: the config, the manifest,
@@ -275,6 +289,12 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
         trainer.restore(ckpt, cache_dir)
         note("resumed", step=trainer.step, checkpoint=ckpt.uri, world_size=world, optimizer=t.optimizer)
 
+    # who runs this attempt, so the driver can name the node of a failed rank
+    workers: list[Any] = [None] * world
+    dist.all_gather_object(workers, {"node": node, "host": socket.gethostname()})
+    note("workers_started", attempt=payload.get("attempt"), step=trainer.step, world_size=world,
+         workers={str(r): w for r, w in enumerate(workers)})  # fmt: skip
+    attempt_start, first_step = time.time(), True
     batches = TrainBatches(
         open_train_sources(manifest, cache_dir), manifest.seq_len, t.micro_batch_size, trainer.dp_rank, trainer.dp, t.seed
     )
@@ -300,6 +320,7 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
         if pending is not None and all_ranks_done(pending, device):
             commit(pending)
             pending = None
+        _drill(t, step, rank, world, payload.get("attempt"))
         t0 = time.perf_counter()
         # dropout masks are a function of (seed, step, dp rank), so a resumed run draws the same ones; the
         # ranks of a tp group share the seed, so their replicated activations stay identical
@@ -345,6 +366,9 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.state = spikes.observe(t.spikes, trainer.state, loss_value)
         trainer.step = step + 1
+        if first_step:  # the end of a restart: from here on the attempt does new work
+            note("first_step", attempt=payload.get("attempt"), step=step + 1, seconds_after_start=round(time.time() - attempt_start, 3))
+            first_step = False
         dt = time.perf_counter() - t0
         tflops = recipe.batch_tokens * flops_per_token / dt / 1e12
         last = {
@@ -366,6 +390,7 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
                 commit(pending)
             state = {**trainer.trainer_state(manifest), "loss": loss_value, "metrics": last}
             pending = begin_save(trainer.state_dict(), state, run_uri, step + 1, rank, cache_dir, background)
+            time.sleep(t.chaos.checkpoint_sleep_s)
             if background is None:
                 commit(pending)
                 pending = None
@@ -378,9 +403,11 @@ def run_training(payload: dict[str, Any], rank: int, world: int, report: Callabl
 
 def train_worker(payload: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (Ray has set up the process group)."""
+    import ray
     import ray.train
 
     # Ray forwards worker logging once (printed lines twice), so progress goes through logging
     logging.getLogger("opt").setLevel(logging.INFO)
     ctx = ray.train.get_context()
-    run_training(payload, ctx.get_world_rank(), ctx.get_world_size(), report=ray.train.report)
+    node = ray.get_runtime_context().get_node_id()
+    run_training(payload, ctx.get_world_rank(), ctx.get_world_size(), report=ray.train.report, node=node)

@@ -73,3 +73,32 @@ def test_logbook_is_append_only_jsonl(tmp_path):
     assert [json.loads(line)["event"] for line in lines] == ["run_started", "note"]
     md = render_markdown("r", book.read())
     assert "| run_started | max_steps=5 |" in md and "lowered LR by hand" in md
+
+
+def test_logbook_totals_count_restarts_lost_hosts_and_time():
+    from opt.logbook import totals
+
+    def ev(t: float, event: str, **kw: object) -> dict:
+        return {"ts": f"T{t}", "t": t, "event": event, **kw}
+
+    events = [
+        ev(0, "workers_started", attempt=1),
+        ev(5, "first_step", attempt=1),
+        ev(20, "checkpoint", step=10),
+        ev(30, "failure", attempt=1, rank=1, host="node-b", worker_lost=True),
+        ev(30.5, "failure", attempt=1, rank=0, host="node-a", worker_lost=False),  # its peer died: not a lost host
+        ev(31, "restart", attempt=2),
+        ev(40, "workers_started", attempt=2),
+        ev(45, "first_step", attempt=2),
+        ev(50, "failure", attempt=2, rank=0, host="node-a", worker_lost=False, error="RuntimeError: boom"),
+        ev(51, "restart", attempt=3),
+        ev(60, "first_step", attempt=3),
+        ev(61, "note", text="swapped a | pipe\nand a newline"),
+    ]
+    s = totals(events)
+    assert (s.restarts, s.failures, s.attempts, s.hosts_lost, s.notes) == (2, 3, 2, ["node-b"], 1)
+    # down: 30 -> 45 and 50 -> 60; recomputed: checkpoint 20 -> failure 30, first step 45 -> failure 50
+    assert (s.downtime_s, s.recomputed_s, s.time_lost_s) == (25.0, 15.0, 40.0)
+    md = render_markdown("r", events)
+    assert "- restarts: 2" in md and "- hosts lost: 1 (node-b)" in md and "- time lost: 40.0 s" in md
+    assert "swapped a \\| pipe and a newline" in md

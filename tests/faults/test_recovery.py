@@ -1,0 +1,204 @@
+"""Recovery drills on a multi-node Ray cluster simulated on this machine (`ray.cluster_utils.Cluster`).
+
+A head node (no CPUs: it hosts the driver's controller) and one 1-CPU node per worker, so killing a node
+kills exactly one rank. Runs use a tiny model with `train.chaos.step_sleep_s` so a drill can strike mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opt import stages, storage
+from opt.config import RunConfig, load_config
+from opt.logbook import Logbook
+from opt.train.checkpoint import COMMIT_FILE, step_uri
+from tests.conftest import REPO, write_jsonl
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+TEXT = "The quick brown fox {} jumps over the lazy dog while the cat watches from the warm windowsill. "
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # a local instance from earlier tests; this module needs its own cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    ray.init(address=c.address, configure_logging=False)
+    root = tmp_path_factory.mktemp("faults")
+    src = write_jsonl(root / "in" / "docs.jsonl", [{"text": TEXT.format(i) * 6} for i in range(200)])
+    yield {"cluster": c, "root": root, "src": src}
+    ray.shutdown()
+    c.shutdown()
+
+
+def settings(env: dict[str, Any], run: str, **extra: Any) -> dict[str, Any]:
+    root = env["root"]
+    values = {
+        "storage.root": root / "store",
+        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
+        "tracking.artifact_root": root / "mlartifacts",
+        "tracking.experiment": "faults",
+        "data.sources": json.dumps([{"name": "d", "kind": "pile", "uri": str(env["src"])}]),
+        "data.tokenizer.vocab_size": 300,
+        "data.seq_len": 32,
+        "data.valid_fraction": 0.1,
+        "model.overrides": "{n_layer: 2, d_model: 32, n_head: 2, dropout: 0.1}",
+        "train.run": run,
+        "train.ray_address": env["cluster"].address,
+        "train.max_steps": 12,
+        "train.checkpoint_every": 4,
+        "train.micro_batch_size": 4,
+        "train.warmup_steps": 2,
+        "train.max_failures": 2,
+        "train.collective_timeout_s": 20,
+        "train.chaos.step_sleep_s": 0.5,
+    }
+    return {**values, **extra}
+
+
+def config(env: dict[str, Any], run: str, **extra: Any) -> RunConfig:
+    return load_config(None, [f"{k}={v}" for k, v in settings(env, run, **extra).items()])
+
+
+def events(cfg: RunConfig, name: str) -> list[dict[str, Any]]:
+    return [e for e in Logbook(stages.run_uri(cfg)).read() if e["event"] == name]
+
+
+def wait_for(predicate: Any, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the drill's trigger never came")
+        time.sleep(0.2)
+
+
+def node_of_rank(cfg: RunConfig, rank: int) -> str:
+    started = events(cfg, "workers_started")[-1]
+    return started["workers"][str(rank)]["node"]
+
+
+def kill_node(env: dict[str, Any], node_id: str) -> None:
+    """Kill the raylet (and its workers) of one node at once, then add a fresh node as an autoscaler would."""
+    c = env["cluster"]
+    node = next(n for n in c.worker_nodes if n.node_id == node_id)
+    c.remove_node(node, allow_graceful=False)
+    c.add_node(num_cpus=1)
+
+
+def train_in_background(cfg: RunConfig) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = stages.train(cfg)
+        except Exception as e:  # surfaced by the test
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def final_weights(cfg: RunConfig, cache: Path) -> dict[str, Any]:
+    from opt.train.export import load_checkpoint_model
+
+    return load_checkpoint_model(stages.checkpoint(cfg), cache).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(cluster):
+    """An uninterrupted run, and the dataset every drill trains on."""
+    cfg = config(cluster, "reference")
+    stages.prepare_data(cfg)
+    result = stages.train(cfg)
+    assert result.checkpoint.step == 12
+    return final_weights(cfg, cluster["root"] / "cache-ref")
+
+
+def test_a_killed_worker_node_is_replaced_and_the_run_ends_bitwise_equal(cluster, reference):
+    import torch
+
+    cfg = config(cluster, "node-kill")
+    thread, out = train_in_background(cfg)
+    wait_for(lambda: any(e["step"] == 4 for e in events(cfg, "checkpoint")))
+    kill_node(cluster, node_of_rank(cfg, 1))
+    thread.join(timeout=300)
+    assert "error" not in out, out.get("error")
+    assert out["result"].checkpoint.step == 12
+    weights = final_weights(cfg, cluster["root"] / "cache-kill")
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+    failures = events(cfg, "failure")
+    assert any(f["rank"] == 1 and f["worker_lost"] for f in failures), failures
+    assert events(cfg, "restart") and events(cfg, "resumed")[-1]["step"] >= 4
+    md = stages_logbook(cfg)
+    assert "- restarts: 1" in md and "- hosts lost: 1" in md
+
+
+def stages_logbook(cfg: RunConfig) -> str:
+    from opt.logbook import render_markdown
+
+    return render_markdown(cfg.train.run, Logbook(stages.run_uri(cfg)).read())
+
+
+def test_a_node_killed_while_a_checkpoint_is_written_resumes_from_the_previous_one(cluster, reference):
+    cfg = config(cluster, "ckpt-kill", **{"train.chaos.checkpoint_sleep_s": 8})
+    thread, out = train_in_background(cfg)
+    step8 = step_uri(stages.run_uri(cfg), 8)
+    # shards of step 8 are on disk, its commit marker is not
+    wait_for(lambda: storage.exists(storage.join(step8, ".metadata")))
+    assert not storage.exists(storage.join(step8, COMMIT_FILE))
+    kill_node(cluster, node_of_rank(cfg, 1))
+    thread.join(timeout=300)
+    assert "error" not in out, out.get("error")
+    assert out["result"].checkpoint.step == 12
+    assert events(cfg, "resumed")[-1]["step"] == 4  # the half-written step 8 was never loaded
+
+
+def test_a_hung_collective_times_out_and_the_run_restarts(cluster, reference):
+    cfg = config(cluster, "hang", **{"train.chaos.hang_at_step": 6})
+    result = stages.train(cfg)
+    assert result.checkpoint.step == 12
+    failures = events(cfg, "failure")
+    assert failures and failures[0]["attempt"] == 1
+    assert events(cfg, "workers_started")[-1]["attempt"] == 2
+
+
+def test_a_killed_driver_is_resumed_by_running_the_same_command_again(cluster, reference):
+    cfg = config(cluster, "driver-kill")
+    args = [f"--set={k}={v}" for k, v in settings(cluster, "driver-kill").items()]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-m", "opt.cli", "train", *args], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: any(e["step"] == 4 for e in events(cfg, "checkpoint")), timeout=180)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    result = stages.train(cfg)
+    assert result.checkpoint.step == 12
+    assert events(cfg, "resumed")[-1]["step"] >= 4
+
+
+def test_workers_that_always_crash_stop_the_run_with_the_reason(cluster, reference):
+    from opt.train.job import TrainingError
+
+    cfg = config(cluster, "crash", **{"train.chaos.crash_at_step": 2, "train.max_failures": 1})
+    with pytest.raises(TrainingError, match=r"2 failed attempts in a row without a new checkpoint.*crashes at step 2"):
+        stages.train(cfg)
+    assert [f["attempt"] for f in events(cfg, "failure")] == [1, 2]
+    assert "crashes at step 2" in events(cfg, "run_failed")[-1]["error"]
