@@ -159,6 +159,32 @@ def cmd_model_export(args: argparse.Namespace) -> None:
     print(f"wrote {export_consolidated(ckpt, args.out, work_dir(cfg) / 'cache')} from {ckpt.uri}")
 
 
+# --- plan ----------------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from opt.train.reliability import format_plan, plan_for
+
+    cfg = _load(args)
+    given = {
+        "hosts": args.hosts,
+        "gpus_per_host": args.gpus_per_host,
+        "host_failures_per_day": args.failures_per_day,
+        "checkpoint_s": args.checkpoint_s,
+        "restart_s": args.restart_s,
+        "mfu": args.mfu,
+        "peak_tflops": args.peak_tflops,
+        "write_gb_per_s_per_host": args.write_gb_per_s,
+        "trials": args.trials,
+    }
+    try:  # unset flags keep plan_for's OPT-175B defaults
+        plan = plan_for(cfg, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise OptError(str(e)) from None
+    print(format_plan(plan))
+    print(json.dumps(plan.to_dict(), sort_keys=True))
+
+
 # --- logbook -------------------------------------------------------------------------------------------
 
 
@@ -242,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, run=True, step=True)
     p.add_argument("out")
     p.set_defaults(func=cmd_model_export)
+
+    p = sub.add_parser("plan", help="checkpoint interval and goodput under host failures at cluster scale (default: OPT-175B's)")
+    _config_args(p)
+    p.add_argument("--hosts", type=int, help="hosts in the cluster (default 124, OPT-175B's)")
+    p.add_argument("--gpus-per-host", type=int, help="GPUs per host (default 8)")
+    p.add_argument("--failures-per-day", type=float, help="failures per HOST per day (default 2/124: OPT-175B's ~2 a day over 124 hosts)")
+    p.add_argument("--checkpoint-s", type=float, help="seconds to write a checkpoint (default: state size / write bandwidth)")
+    p.add_argument("--write-gb-per-s", type=float, help="checkpoint write bandwidth per host in GB/s, for the estimate (default 1)")
+    p.add_argument("--restart-s", type=float, help="seconds from a failure to training again (default 600)")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilisation (default 0.45)")
+    p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s per GPU (default 312, A100 bf16)")
+    p.add_argument("--trials", type=int, help="Monte Carlo trials (default 1000)")
+    p.set_defaults(func=cmd_plan)
 
     book = sub.add_parser("logbook", help="the run logbook").add_subparsers(dest="logbook_cmd", required=True)
     p = book.add_parser("show", help="render a run's logbook as Markdown")

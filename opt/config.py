@@ -102,6 +102,8 @@ class ChaosConfig(Section):
     """Seconds between writing a checkpoint's shards and committing it (a window to kill a node in)."""
     crash_at_step: int | None = Field(None, ge=0)
     """Every attempt's rank 0 raises at this step: a job that cannot make progress."""
+    crash_on_nodes: list[str] = Field(default_factory=list)
+    """Ray node ids whose workers raise at their first step of every attempt: a host that keeps failing."""
     hang_at_step: int | None = Field(None, ge=0)
     """On the first attempt, the last rank stops answering at this step, so its peers' collective hangs."""
 

@@ -18,7 +18,6 @@ from opt.data.manifest import DatasetManifest
 from opt.errors import OptError
 from opt.logbook import Logbook
 from opt.train.checkpoint import CommittedCheckpoint, latest_committed, read_trainer_state
-from opt.train.optim import hparams
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,7 @@ def _ray_init(cfg: RunConfig) -> None:
 def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     """Start or resume run `cfg.train.run` on `manifest`'s dataset; returns its final committed checkpoint."""
     from opt.tracking import get_or_create_run
+    from opt.train.optim import hparams  # imports torch: not at module level (opt.stages stays light)
     from opt.train.recipe import resolve
 
     t = cfg.train

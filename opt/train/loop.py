@@ -60,10 +60,12 @@ def chaos_factor(t: TrainConfig, data_step: int) -> float:
     return t.chaos.poison_scale if data_step in t.chaos.poison_batches else 1.0
 
 
-def _drill(t: TrainConfig, step: int, rank: int, world: int, attempt: int | None) -> None:
+def _drill(t: TrainConfig, step: int, rank: int, world: int, attempt: int | None, node: str | None) -> None:
     """Fault injection (train.chaos) at the start of a step; nothing happens in a real run."""
     c = t.chaos
     time.sleep(c.step_sleep_s)
+    if node is not None and node in c.crash_on_nodes:
+        raise RuntimeError(f"chaos: node {node} fails (train.chaos.crash_on_nodes)")
     if c.crash_at_step == step and rank == 0:
         raise RuntimeError(f"chaos: rank 0 crashes at step {step} (train.chaos.crash_at_step)")
     if c.hang_at_step == step and rank == world - 1 and attempt in (None, 1):
@@ -320,7 +322,7 @@ def run_training(
         if pending is not None and all_ranks_done(pending, device):
             commit(pending)
             pending = None
-        _drill(t, step, rank, world, payload.get("attempt"))
+        _drill(t, step, rank, world, payload.get("attempt"), node)
         t0 = time.perf_counter()
         # dropout masks are a function of (seed, step, dp rank), so a resumed run draws the same ones; the
         # ranks of a tp group share the seed, so their replicated activations stay identical

@@ -202,3 +202,29 @@ def test_workers_that_always_crash_stop_the_run_with_the_reason(cluster, referen
         stages.train(cfg)
     assert [f["attempt"] for f in events(cfg, "failure")] == [1, 2]
     assert "crashes at step 2" in events(cfg, "run_failed")[-1]["error"]
+
+
+def test_a_node_that_keeps_failing_is_kept_out_of_the_restart(cluster, reference):
+    import ray
+
+    c = cluster["cluster"]
+    spare = c.add_node(num_cpus=1)  # room for two workers without the bad node
+    try:
+        c.wait_for_nodes()
+        bad = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU") and n["NodeID"] != spare.node_id)
+        cfg = config(cluster, "bad-node", **{"train.chaos.crash_on_nodes": f"[{bad}]", "train.exclude_node_after": 1})
+        result = stages.train(cfg)
+        assert result.checkpoint.step == 12
+        assert [e["node"] for e in events(cfg, "node_excluded")] == [bad]
+        last = events(cfg, "workers_started")[-1]
+        assert bad not in {w["node"] for w in last["workers"].values()}
+    finally:
+        c.remove_node(spare)
+
+
+def test_an_elastic_run_starts_with_the_workers_the_cluster_has(cluster, reference):
+    # room for 2 workers, 3 asked for, 1 accepted: the batch (4 x 32 tokens x 6) is reachable with 1, 2 or 3
+    cfg = config(cluster, "elastic", **{"train.num_workers": 3, "train.min_workers": 1, "train.batch_tokens": 768, "train.max_steps": 4})
+    result = stages.train(cfg)
+    assert result.checkpoint.step == 4
+    assert events(cfg, "workers_started")[-1]["world_size"] in (1, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -53,3 +54,18 @@ def test_importing_the_library_and_cli_loads_no_heavy_library():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
+
+
+def test_plan_175b_prints_report_and_json(capsys):
+    assert main(["plan", "--config", str(REPO / "configs" / "opt-125m.yaml"), "--set", "model.preset=175b", "--trials", "100"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("OPT-175b") and any("Daly interval" in line for line in out)
+    figures = json.loads(out[-1])
+    assert 600 <= figures["recommended_interval_s"] <= 3 * 3600
+    assert figures["recommended_steps"] >= 1 and figures["hosts"] == 124
+
+
+def test_plan_bad_failure_rate_is_one_line_error(capsys):
+    assert main(["plan", "--config", str(REPO / "configs" / "opt-125m.yaml"), "--failures-per-day", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "host_failures_per_day" in err and "Traceback" not in err
