@@ -6,27 +6,22 @@ kills exactly one rank. Runs use a tiny model with `train.chaos.step_sleep_s` so
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from opt import stages, storage
-from opt.config import RunConfig, load_config
+from opt.config import RunConfig
 from opt.logbook import Logbook
 from opt.train.checkpoint import COMMIT_FILE, step_uri
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO
+from tests.faults.drills import config, corpus, events, final_weights, node_of_rank, settings, train_in_background, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
-
-TEXT = "The quick brown fox {} jumps over the lazy dog while the cat watches from the warm windowsill. "
 
 
 @pytest.fixture(scope="module")
@@ -40,56 +35,10 @@ def cluster(tmp_path_factory):
         c.add_node(num_cpus=1)
     ray.init(address=c.address, configure_logging=False)
     root = tmp_path_factory.mktemp("faults")
-    src = write_jsonl(root / "in" / "docs.jsonl", [{"text": TEXT.format(i) * 6} for i in range(200)])
-    yield {"cluster": c, "root": root, "src": src}
+    src = corpus(root)
+    yield {"cluster": c, "address": c.address, "root": root, "src": src}
     ray.shutdown()
     c.shutdown()
-
-
-def settings(env: dict[str, Any], run: str, **extra: Any) -> dict[str, Any]:
-    root = env["root"]
-    values = {
-        "storage.root": root / "store",
-        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
-        "tracking.artifact_root": root / "mlartifacts",
-        "tracking.experiment": "faults",
-        "data.sources": json.dumps([{"name": "d", "kind": "pile", "uri": str(env["src"])}]),
-        "data.tokenizer.vocab_size": 300,
-        "data.seq_len": 32,
-        "data.valid_fraction": 0.1,
-        "model.overrides": "{n_layer: 2, d_model: 32, n_head: 2, dropout: 0.1}",
-        "train.run": run,
-        "train.ray_address": env["cluster"].address,
-        "train.max_steps": 12,
-        "train.checkpoint_every": 4,
-        "train.micro_batch_size": 4,
-        "train.warmup_steps": 2,
-        "train.max_failures": 2,
-        "train.collective_timeout_s": 20,
-        "train.chaos.step_sleep_s": 0.5,
-    }
-    return {**values, **extra}
-
-
-def config(env: dict[str, Any], run: str, **extra: Any) -> RunConfig:
-    return load_config(None, [f"{k}={v}" for k, v in settings(env, run, **extra).items()])
-
-
-def events(cfg: RunConfig, name: str) -> list[dict[str, Any]]:
-    return [e for e in Logbook(stages.run_uri(cfg)).read() if e["event"] == name]
-
-
-def wait_for(predicate: Any, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the drill's trigger never came")
-        time.sleep(0.2)
-
-
-def node_of_rank(cfg: RunConfig, rank: int) -> str:
-    started = events(cfg, "workers_started")[-1]
-    return started["workers"][str(rank)]["node"]
 
 
 def kill_node(env: dict[str, Any], node_id: str) -> None:
@@ -98,26 +47,6 @@ def kill_node(env: dict[str, Any], node_id: str) -> None:
     node = next(n for n in c.worker_nodes if n.node_id == node_id)
     c.remove_node(node, allow_graceful=False)
     c.add_node(num_cpus=1)
-
-
-def train_in_background(cfg: RunConfig) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["result"] = stages.train(cfg)
-        except Exception as e:  # surfaced by the test
-            out["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, out
-
-
-def final_weights(cfg: RunConfig, cache: Path) -> dict[str, Any]:
-    from opt.train.export import load_checkpoint_model
-
-    return load_checkpoint_model(stages.checkpoint(cfg), cache).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +137,19 @@ def test_a_node_that_keeps_failing_is_kept_out_of_the_restart(cluster, reference
     import ray
 
     c = cluster["cluster"]
-    spare = c.add_node(num_cpus=1)  # room for two workers without the bad node
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+    assert len(nodes) == 2  # both must take part in the first attempt
+    bad = nodes[0]
+    cfg = config(cluster, "bad-node", **{"train.chaos.crash_on_nodes": f"[{bad}]", "train.exclude_node_after": 1,
+                                         "train.chaos.step_sleep_s": 3, "train.max_steps": 4, "train.checkpoint_every": 2})  # fmt: skip
+    thread, out = train_in_background(cfg)
+    # a spare joins while the first attempt runs its first (slow) step, so there is room to leave the bad node out
+    wait_for(lambda: events(cfg, "workers_started"))
+    spare = c.add_node(num_cpus=1)
     try:
-        c.wait_for_nodes()
-        bad = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU") and n["NodeID"] != spare.node_id)
-        cfg = config(cluster, "bad-node", **{"train.chaos.crash_on_nodes": f"[{bad}]", "train.exclude_node_after": 1})
-        result = stages.train(cfg)
-        assert result.checkpoint.step == 12
+        thread.join(timeout=300)
+        assert "error" not in out, out.get("error")
+        assert out["result"].checkpoint.step == 4
         assert [e["node"] for e in events(cfg, "node_excluded")] == [bad]
         last = events(cfg, "workers_started")[-1]
         assert bad not in {w["node"] for w in last["workers"].values()}

@@ -30,4 +30,4 @@ def test_dockerfile_installs_the_pinned_torch_and_the_package():
     pyproject = (REPO / "pyproject.toml").read_text()
     torch_pin = next(line.strip().strip('",') for line in pyproject.splitlines() if line.strip().startswith('"torch=='))
     assert torch_pin in text
-    assert 'pip install ".[postgres]"' in text and 'ENTRYPOINT ["optctl"]' in text
+    assert 'pip install ".[postgres,cluster]"' in text and 'ENTRYPOINT ["optctl"]' in text
