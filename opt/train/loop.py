@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -106,6 +107,16 @@ def shard_model(model: OPT, world: int, device_type: str, precision: str = "fp32
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def _process_start() -> float:
+    """When this process started (epoch seconds), from /proc; now if unknown."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def memory_gb(device: str) -> float:
@@ -280,7 +291,9 @@ def run_training(
     # every tp group reads one data-parallel share: the batch is split over dp ranks only
     dp = world // t.tensor_parallel
     recipe = resolve(cfg.model.preset, manifest.seq_len, dp, t.micro_batch_size, t.max_steps, t.lr, t.warmup_steps, t.batch_tokens)
+    entered = time.time()
     trainer = Trainer(cfg, cfg.model.build(manifest.vocab_size, manifest.seq_len), recipe, rank, world, device)
+    built = time.time()
 
     def note(event: str, **fields: Any) -> None:
         if logbook is not None:
@@ -294,8 +307,11 @@ def run_training(
     # who runs this attempt, so the driver can name the node of a failed rank
     workers: list[Any] = [None] * world
     dist.all_gather_object(workers, {"node": node, "host": socket.gethostname()})
+    # where a restart's time goes: process start and imports, model build, checkpoint load
+    now = time.time()
+    setup = {"process_s": round(entered - _process_start(), 2), "build_s": round(built - entered, 2), "load_s": round(now - built, 2)}
     note("workers_started", attempt=payload.get("attempt"), step=trainer.step, world_size=world,
-         workers={str(r): w for r, w in enumerate(workers)})  # fmt: skip
+         workers={str(r): w for r, w in enumerate(workers)}, setup=setup)  # fmt: skip
     attempt_start, first_step = time.time(), True
     batches = TrainBatches(
         open_train_sources(manifest, cache_dir), manifest.seq_len, t.micro_batch_size, trainer.dp_rank, trainer.dp, t.seed
