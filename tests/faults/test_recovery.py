@@ -99,7 +99,7 @@ def test_a_node_killed_while_a_checkpoint_is_written_resumes_from_the_previous_o
 
 
 def test_a_hung_collective_times_out_and_the_run_restarts(cluster, reference):
-    cfg = config(cluster, "hang", **{"train.chaos.hang_at_step": 6, "train.collective_timeout_s": 10})
+    cfg = config(cluster, "hang", **{"train.chaos.hang_at_step": 6})
     result = stages.train(cfg)
     assert result.checkpoint.step == 12
     failures = events(cfg, "failure")
