@@ -137,6 +137,10 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
     except TrainingError:
         _log_logbook(cfg, uri, mlflow_run_id, logbook)
         raise
+    except Exception as e:  # Ray itself failed (not an attempt): one line for the user, the details in the logbook
+        logbook.append("run_failed", error=f"{type(e).__name__}: {e}"[:2000])
+        _log_logbook(cfg, uri, mlflow_run_id, logbook)
+        raise TrainingError(f"training run {t.run!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     final = latest_committed(uri)
     if final is None or final.step < t.max_steps:
         gave_up = [e for e in logbook.read() if e["event"] == "spike_gave_up"]
