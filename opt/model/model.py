@@ -17,6 +17,57 @@ from torch.utils.checkpoint import checkpoint
 from opt.model.config import POSITION_OFFSET, OPTConfig
 
 
+class _TiedHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits `h @ weight.T` (fp32), with the softmax gradient formed in place.
+
+    Same result as `F.cross_entropy(F.linear(h, weight), targets, ignore_index=-100)` up to float rounding,
+    without the log-softmax output, the NLL gradient and the log-softmax gradient: three (N, vocab) buffers
+    fewer, and a weight gradient that is a plain tensor, so autograd adds the token embedding's gradient
+    to it in place rather than into a new (vocab, E) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = torch.mm(h, weight.t())  # (N, vocab)
+        keep = targets != -100
+        safe = targets.masked_fill(~keep, 0)
+        rows = max(1, (1 << 22) // logits.size(1))  # logsumexp's temporary stays ~16 MB
+        lse = torch.cat([torch.logsumexp(chunk, dim=1) for chunk in logits.split(rows)])
+        n = keep.sum().clamp(min=1)  # no targets at all: loss 0, no gradient (not 0/0)
+        loss = ((lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)) * keep).sum() / n
+        ctx.save_for_backward(h, weight, lse, safe, keep, n)
+        ctx.logits = logits  # becomes the gradient in backward
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        if ctx.logits is None:
+            raise RuntimeError("OPT.loss: backward ran twice through the same loss (retain_graph is unsupported)")
+        h, weight, lse, safe, keep, n = ctx.saved_tensors
+        g, ctx.logits = ctx.logits, None
+        g.sub_(lse.unsqueeze(1)).exp_()  # softmax
+        g[torch.arange(g.size(0), device=g.device), safe] -= 1.0
+        g.mul_((keep * (grad / n)).unsqueeze(1))  # ignored positions get no gradient
+        grad_h = torch.mm(g, weight) if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(g.t(), h) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None
+
+
+class _Dropout(nn.Dropout):
+    """nn.Dropout; on CPU the mask comes from 16-bit slices of 64-bit random words (bernoulli_ is ~4x slower there).
+
+    Drop probability round(p * 65536) / 65536 (0.1 -> 0.100006), kept values scaled by its inverse complement.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        q = round(self.p * 65536)
+        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= q - 32768  # int16 lanes are uniform
+        return x * keep.to(x.dtype).mul_(65536 / (65536 - q))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: OPTConfig) -> None:
         super().__init__()
@@ -41,8 +92,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: OPTConfig) -> None:
         super().__init__()
         self.pre_ln = cfg.pre_ln
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.dropout = _Dropout(cfg.dropout)
+        self.activation_dropout = _Dropout(cfg.activation_dropout)
         self.self_attn = SelfAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
@@ -93,9 +144,20 @@ class OPT(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight[self.cfg.pad_token_id].zero_()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids `idx` (B, T)."""
-        return F.linear(self.hidden(idx), self.embed_tokens.weight)  # tied output embedding
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the loss of `loss` instead.
+
+        The loss is computed here, not in `loss`, so that it runs inside the module call (FSDP2's hooks).
+        """
+        h = self.hidden(idx)
+        w = self.embed_tokens.weight
+        if targets is None:
+            return F.linear(h, w)  # tied output embedding
+        if torch.is_grad_enabled() and h.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+            return _TiedHeadCrossEntropy.apply(h.reshape(-1, h.size(-1)), w, targets.reshape(-1))
+        logits = F.linear(h, w).float().view(-1, w.size(0))
+        total = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction="sum")
+        return total / (targets != -100).sum().clamp(min=1)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """The last hidden states (B, T, E), before the tied output projection."""
@@ -116,9 +178,8 @@ class OPT(nn.Module):
         return x
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; targets equal to -100 are ignored."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        """Mean next-token cross-entropy; targets equal to -100 are ignored (loss 0 if all are)."""
+        return self(idx, targets)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

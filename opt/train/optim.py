@@ -25,7 +25,9 @@ def build_optimizer(name: str, model: torch.nn.Module, t: TrainConfig, lr: float
     """AdamW (OPT: betas 0.9/0.95, decoupled weight decay 0.1) or SGD with momentum."""
     groups = param_groups(model, t.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=t.betas, eps=t.eps)
+        # fused: one kernel per step over all tensors (CPU and GPU); torch's default on CPU is a per-tensor
+        # loop with temporaries, ~7x slower at 125m. The update is the same up to float rounding.
+        return torch.optim.AdamW(groups, lr=lr, betas=t.betas, eps=t.eps, fused=True)
     if name == "sgd":
         # SGD's weight decay is coupled (added to the gradient); at the same lr it shrinks weights by
         # lr * wd per step, as AdamW's decoupled decay does

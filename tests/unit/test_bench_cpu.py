@@ -1,0 +1,43 @@
+"""The CPU training benchmark stays runnable and compares like with like (its --quick smoke run)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "cpu_train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("cpu_train_throughput", BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_reports_both_models_on_the_same_weights(bench, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--quick", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the bench sets the process's threads; later tests keep theirs
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith('{"bench": "cpu_train_throughput"')
+    # same weights: the peer's logits and loss equal ours, so the two step times measure the same work
+    assert out["max_abs_logit_diff"] < 1e-5 and out["loss_abs_diff"] < 1e-5
+    assert out["ours_tokens_per_s"] > 0 and out["peer_tokens_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["ours_tokens_per_s"] / out["peer_tokens_per_s"], rel=1e-2)
+    assert out["adamw"] == {"ours": "fused", "peer": "default"}  # the trainer's optimizer, not a bench-only one
+
+
+def test_shifted_targets_predict_the_next_token_and_ignore_the_last(bench) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    x = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    assert bench.shifted_targets(x).tolist() == [[6, 7, -100], [9, 10, -100]]
