@@ -101,7 +101,12 @@ def recovery(cluster: Any, root: Path, src: Path, kills: int) -> list[float]:
     for k in range(kills):
         wait_for(lambda k=k: drill.attempts_started() == k + 1 and sum(e["event"] == "checkpoint" for e in events(cfg)) > k)
         killed_at = drill.kill_rank1_node()
-        wait_for(lambda k=k: drill.attempts_started() == k + 2)
+        try:
+            wait_for(lambda k=k: drill.attempts_started() == k + 2)
+        except TimeoutError:
+            for e in events(cfg)[-12:]:  # what the run did instead of restarting
+                print("  logbook:", json.dumps(e)[:400], flush=True)
+            raise
         first = [e for e in events(cfg) if e["event"] == "first_step"][-1]
         times.append(first["t"] - killed_at)
         # where the time went: detection, the driver's decision, the new worker group, the first step

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
             return trainer.fit()
         except TrainingFailedError as e:
             failed_at = time.time()
-            last_error = _record_failure(e, attempt, logbook, node_failures)
+            last_error, lost_nodes = _record_failure(e, attempt, logbook, node_failures)
             in_a_row = 0 if _committed_step(run_uri) > before else in_a_row + 1
             if in_a_row > t.max_failures:
                 message = (
@@ -207,7 +208,7 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
                 raise TrainingError(message) from None
             for node, count in node_failures.items():
                 if count >= t.exclude_node_after and node not in excluded:
-                    if _has_room(t, [*excluded, node]):
+                    if _has_room(t, [*excluded, node, *lost_nodes]):
                         excluded.append(node)
                         logbook.append("node_excluded", node=node, failures=count)
                     else:
@@ -218,30 +219,48 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
     raise AssertionError("unreachable")
 
 
-def _record_failure(e: Exception, attempt: int, logbook: Logbook, node_failures: Counter[str]) -> str:
-    """One `failure` entry per failed rank (with its node and host, as the attempt's workers reported them)."""
+def _record_failure(e: Exception, attempt: int, logbook: Logbook, node_failures: Counter[str]) -> tuple[str, set[str]]:
+    """One `failure` entry per failed rank (with its node and host, as the attempt's workers reported them).
+
+    A node is blamed (counted towards exclusion) when its worker died or raised an error of its own; a rank
+    that only saw its peer go away (connection closed or reset, a collective timing out) blames nobody, or
+    the survivors' nodes of every node kill would add up to their own exclusion. Returns the one-line error
+    and the nodes whose workers were lost (Ray may still list such a node as alive for a few seconds).
+    """
     started = [ev for ev in logbook.read() if ev["event"] == "workers_started" and ev.get("attempt") == attempt]
     workers: dict[str, dict[str, str]] = started[-1]["workers"] if started else {}
     per_rank: dict[int, BaseException] = getattr(e, "worker_failures", None) or {}
     if not per_rank:
         logbook.append("failure", attempt=attempt, error=_one_line(e))
-        return _one_line(e)
+        return _one_line(e), set()
     import ray
 
     alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    lost_nodes: set[str] = set()
     for rank, exc in sorted(per_rank.items()):
         where = workers.get(str(rank), {})
+        node = where.get("node")
         # the worker process is unreachable (its node or the process died), not a Python error in a live worker;
         # node_lost: Ray already knows the node is dead (its health checks take a few seconds to say so)
         lost = type(exc).__name__ in _LOST_WORKER_ERRORS
-        node_lost = bool(where.get("node")) and where["node"] not in alive
-        logbook.append("failure", attempt=attempt, rank=rank, node=where.get("node"), host=where.get("host"), worker_lost=lost or node_lost,
-                       node_lost=node_lost, error=_one_line(exc))  # fmt: skip
-        if where.get("node"):
-            node_failures[where["node"]] += 1
-    return _one_line(next(iter(per_rank.values())))
+        node_lost = bool(node) and node not in alive
+        blamed = lost or node_lost or not _PEER_ERROR.search(str(exc))
+        logbook.append("failure", attempt=attempt, rank=rank, node=node, host=where.get("host"), worker_lost=lost or node_lost,
+                       node_lost=node_lost, blamed=blamed, error=_one_line(exc))  # fmt: skip
+        if node and blamed:
+            node_failures[node] += 1
+        if node and (lost or node_lost):
+            lost_nodes.add(node)
+    culprit = next((x for r, x in sorted(per_rank.items()) if not _PEER_ERROR.search(str(x))), next(iter(per_rank.values())))
+    return _one_line(culprit), lost_nodes
 
 
+# what a rank sees when a peer dies or stops answering (gloo, NCCL, torch's store): its own node is not at fault
+_PEER_ERROR = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|timed out after|Socket Timeout|"
+    r"NCCL communicator was aborted|ncclRemoteError|remote process exited|DistNetworkError",
+    re.IGNORECASE,
+)
 _LOST_WORKER_ERRORS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError")
 
 

@@ -106,18 +106,21 @@ def check_tensor_parallel(cfg: OPTConfig, tp: int) -> None:
 class _TensorParallelOPT(OPT):
     """OPT whose tied output projection and loss run over the vocab shards (set on an instance by `tensor_parallel`)."""
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """This rank's vocab slice of the logits, (B, T, vocab / tp)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's vocab slice of the logits, (B, T, vocab / tp); with `targets`, the loss of `loss`."""
         # Each rank sees only its vocab rows, so the gradient w.r.t. the hidden states is summed over tp in backward.
-        return F.linear(mpu.copy_to_model_parallel_region(self.hidden(idx)), self.embed_tokens.weight)
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the vocab shards; targets equal to -100 are ignored."""
+        logits = F.linear(mpu.copy_to_model_parallel_region(self.hidden(idx)), self.embed_tokens.weight)
+        if targets is None:
+            return logits
         # .float() is a no-op for fp32 logits: fine, since fairscale subtracts the max from them in place and
         # nothing else holds them. It has no ignore_index: give ignored positions a valid id, then zero them.
         keep = targets != -100
-        per_token = mpu.vocab_parallel_cross_entropy(self(idx).float(), targets.masked_fill(~keep, 0))
-        return (per_token * keep).sum() / keep.sum()
+        per_token = mpu.vocab_parallel_cross_entropy(logits.float(), targets.masked_fill(~keep, 0))
+        return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the vocab shards; targets equal to -100 are ignored (0 if all are)."""
+        return self(idx, targets)
 
 
 def _no_init(weight: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,8 @@ def test_a_killed_worker_node_is_replaced_and_the_run_ends_bitwise_equal(cluster
     assert all(torch.equal(reference[k], weights[k]) for k in reference)
     failures = events(cfg, "failure")
     assert any(f["rank"] == 1 and f["worker_lost"] for f in failures), failures
+    # rank 0 only lost its peer: its node is not blamed, or every kill would count towards excluding it
+    assert all(f["blamed"] == (f["rank"] == 1) for f in failures if "rank" in f), failures
     assert events(cfg, "restart") and events(cfg, "resumed")[-1]["step"] >= 4
     md = stages_logbook(cfg)
     assert "- restarts: 1" in md and "- hosts lost: 1" in md
