@@ -131,6 +131,9 @@ class TrainConfig(Section):
     """Failures on one node before later restarts keep off it (if the rest of the cluster has room)."""
     collective_timeout_s: int = Field(600, ge=10)
     """A collective (all-reduce, barrier) that hangs this long fails the attempt, which is then restarted."""
+    health_check_interval_s: float = Field(0.5, gt=0, le=60)
+    """How often Ray Train's controller polls the workers: a dead worker or node is seen within about this
+    long (Ray's default is 2 s; one poll is one small RPC per worker)."""
     max_steps: int = Field(40, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per rank per step."""

@@ -181,6 +181,8 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
     excluded: list[str] = []
     node_failures: Counter[str] = Counter()
     in_a_row = 0
+    # read by the driver's TorchTrainer, which passes it on to the controller it starts
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.health_check_interval_s)
     for attempt in itertools.count(1):
         before = _committed_step(run_uri)
         trainer = TorchTrainer(
