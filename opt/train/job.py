@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -239,6 +240,7 @@ def _record_failure(e: Exception, attempt: int, logbook: Logbook, node_failures:
 
     alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
     lost_nodes: set[str] = set()
+    lost_ranks: set[int] = set()
     for rank, exc in sorted(per_rank.items()):
         where = workers.get(str(rank), {})
         node = where.get("node")
@@ -253,8 +255,44 @@ def _record_failure(e: Exception, attempt: int, logbook: Logbook, node_failures:
             node_failures[node] += 1
         if node and (lost or node_lost):
             lost_nodes.add(node)
+        if lost or node_lost:
+            lost_ranks.add(rank)
+    if not lost_ranks:
+        # only survivors' errors: Ray Train saw a rank lose its peer before the dead peer missed a health check
+        _watch_for_lost_nodes(attempt, {int(r): w for r, w in workers.items()}, logbook, node_failures)
     culprit = next((x for r, x in sorted(per_rank.items()) if not _PEER_ERROR.search(str(x))), next(iter(per_rank.values())))
     return _one_line(culprit), lost_nodes
+
+
+def _watch_for_lost_nodes(
+    attempt: int, workers: dict[int, dict[str, str]], logbook: Logbook, node_failures: Counter[str], timeout_s: float = 60.0
+) -> threading.Thread:
+    """Record, once Ray declares it dead, a node of the failed attempt whose loss no rank reported.
+
+    Runs in the background so the restart does not wait for Ray's node health checks (seconds); a hang
+    with every node alive just times out.
+    """
+    import ray
+
+    def watch() -> None:
+        start, pending = time.time(), {r: w for r, w in workers.items() if w.get("node")}
+        while pending and time.time() - start < timeout_s:
+            try:
+                dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
+            except Exception:  # Ray is shutting down (the run ended): nothing more to learn
+                return
+            for rank, w in sorted(pending.items()):
+                if w["node"] in dead:
+                    node_failures[w["node"]] += 1
+                    logbook.append("failure", attempt=attempt, rank=rank, node=w["node"], host=w.get("host"), worker_lost=True,
+                                   node_lost=True, blamed=True, seen_after_s=round(time.time() - start, 1),
+                                   error="NodeDiedError: Ray declared the node dead after the attempt failed")  # fmt: skip
+                    del pending[rank]
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=watch, name=f"watch-lost-nodes-{attempt}", daemon=True)
+    thread.start()
+    return thread
 
 
 # what a rank sees when a peer dies or stops answering (gloo, NCCL, torch's store): its own node is not at fault
