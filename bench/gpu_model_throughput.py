@@ -1,13 +1,18 @@
 """GPU: our pure-torch OPT against Hugging Face's OPTForCausalLM, same shape, batch and step, one process.
 
-Also checks fp32 logits parity on the GPU. Prints one JSON line per measurement and a final summary
-line with the ratios. Run on a CUDA machine: `python bench/gpu_model_throughput.py`.
-Only torch and transformers are needed (the `opt.model` package imports nothing else).
+Kinds: `hf` (the peer, bf16 autocast), `ours` (bf16 autocast), and ours as the trainer shards it on one
+GPU: `fsdp2` (`fully_shard` per layer and root, bf16 MixedPrecisionPolicy) and `fairscale` (fairscale's
+FSDP, bf16 compute, fp32 reduce-scatter). Also checks fp32 logits parity on the GPU. Prints one JSON
+line per measurement and a final summary line with the ratios. Run on a CUDA machine:
+`python bench/gpu_model_throughput.py [--kinds hf,ours,fsdp2,fairscale] [--sizes 125m,1.3b]`.
+torch and transformers are needed; fairscale for the `fairscale` kind.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +29,16 @@ PEAK = 989e12  # H100/H200 SXM dense bf16
 
 def build(kind: str, cfg: OPTConfig) -> torch.nn.Module:
     torch.manual_seed(0)
+    if kind in ("fsdp2", "fairscale"):
+        _one_rank_group()
+        model = OPT(cfg).cuda()
+        if kind == "fsdp2":
+            from opt.train.loop import shard_model
+
+            return shard_model(model, 1, "cuda", "bf16")
+        from opt.train.fairscale_fsdp import wrap
+
+        return wrap(model, "bf16")
     with torch.device("cuda"):
         if kind == "ours":
             return OPT(cfg)
@@ -33,6 +48,15 @@ def build(kind: str, cfg: OPTConfig) -> torch.nn.Module:
         return transformers.OPTForCausalLM(hf_cfg)
 
 
+def _one_rank_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+
+
 def throughput(kind: str, size: str, batch: int, seq: int = 2048, steps: int = 8, warmup: int = 3) -> dict:
     cfg = OPTConfig.preset(size, dropout=0.0)
     model = build(kind, cfg)
@@ -40,10 +64,16 @@ def throughput(kind: str, size: str, batch: int, seq: int = 2048, steps: int = 8
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
 
     def step() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(x[:, :-1], x[:, 1:]) if kind == "ours" else model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        if kind in ("fsdp2", "fairscale"):  # the wrapper's mixed precision, as the trainer runs it
+            loss = model(x[:, :-1], x[:, 1:])
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(x[:, :-1], x[:, 1:]) if kind == "ours" else model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if kind == "fairscale":
+            model.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -79,11 +109,17 @@ def parity(size: str = "125m") -> dict:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kinds", default="hf,ours,fsdp2,fairscale")
+    ap.add_argument("--sizes", default="125m,1.3b")
+    args = ap.parse_args()
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
     print(json.dumps(parity()), flush=True)
     results = {}
-    for size, batch in (("125m", 16), ("1.3b", 8)):
-        for kind in ("hf", "ours"):
+    batches = {"125m": 16, "1.3b": 8}
+    for size in args.sizes.split(","):
+        batch = batches.get(size, 8)
+        for kind in args.kinds.split(","):
             try:
                 results[(kind, size)] = r = throughput(kind, size, batch)
                 print(json.dumps(r), flush=True)
@@ -92,9 +128,10 @@ def main() -> None:
             torch.cuda.empty_cache()  # the model and optimizer died with throughput()'s frame
             torch.cuda.reset_peak_memory_stats()
     ratios = {
-        f"{size}_ours_over_hf": round(results[("ours", size)]["tokens_per_s"] / results[("hf", size)]["tokens_per_s"], 3)
-        for size in ("125m", "1.3b")
-        if ("ours", size) in results and ("hf", size) in results
+        f"{size}_{kind}_over_hf": round(results[(kind, size)]["tokens_per_s"] / results[("hf", size)]["tokens_per_s"], 3)
+        for size in batches
+        for kind in ("ours", "fsdp2", "fairscale")
+        if (kind, size) in results and ("hf", size) in results
     }
     summary = {f"{k}_{s}_mfu": r["mfu"] for (k, s), r in results.items()} | ratios
     print(json.dumps({"summary": summary, "device": torch.cuda.get_device_name()}), flush=True)

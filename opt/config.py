@@ -155,6 +155,9 @@ class TrainConfig(Section):
     state of the one switched away from is kept in the checkpoints and restored when switching back."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """SGD momentum."""
+    fsdp: Literal["fsdp2", "fairscale"] = "fsdp2"
+    """Sharded data parallelism: torch's FSDP2 (`fully_shard`, CPU and GPU) or fairscale's FSDP (CUDA only,
+    as metaseq ran OPT). Checkpoints of one cannot resume the other; `optctl model export` reads both."""
     tensor_parallel: int = Field(1, ge=1)
     """Tensor-parallel degree (fairscale's model-parallel layers); ranks = tensor_parallel x data-parallel."""
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -182,6 +185,16 @@ class TrainConfig(Section):
                 raise ValueError(f"{n} workers is not a multiple of train.tensor_parallel={self.tensor_parallel}")
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"train.min_workers={self.min_workers} exceeds train.num_workers={self.num_workers}")
+        if self.fsdp == "fairscale":
+            if not self.use_gpu:
+                raise ValueError(
+                    "train.fsdp=fairscale runs on CUDA only (fairscale's FSDP drives CUDA streams in forward and backward): "
+                    "set train.use_gpu=true on a GPU cluster, or keep train.fsdp=fsdp2, which runs on CPU and GPU"
+                )
+            if self.tensor_parallel > 1:
+                raise ValueError("train.fsdp=fairscale with train.tensor_parallel > 1 is not supported; use train.fsdp=fsdp2 for TP x FSDP")
+            if self.async_checkpoint:
+                raise ValueError("train.async_checkpoint needs train.fsdp=fsdp2 (fairscale's shards are saved synchronously)")
         return self
 
     @property

@@ -21,7 +21,8 @@ def load_checkpoint_model(ckpt: CommittedCheckpoint, cache_dir: str | Path) -> O
     tp = trainer.get("tensor_parallel", 1)
     full = model.state_dict()
     if tp == 1:
-        state = {"model": full}
+        # fairscale's checkpoints hold flat tensors: load into flat views of the model's
+        state = {"model": {k: v.view(-1) for k, v in full.items()} if trainer.get("fsdp") == "fairscale" else full}
     else:
         from opt.train.tensor_parallel import split_dim
 
@@ -38,6 +39,8 @@ def load_checkpoint_model(ckpt: CommittedCheckpoint, cache_dir: str | Path) -> O
     if tp > 1:
         parts = [state[f"tp{r}"]["model"] for r in range(tp)]
         state = {"model": {k: parts[0][k] if (d := split_dim(k)) is None else torch.cat([p[k] for p in parts], dim=d) for k in full}}
+    elif trainer.get("fsdp") == "fairscale":
+        state = {"model": full}  # loaded through its flat views
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -89,7 +89,8 @@ def accumulate_gradients(
         if callable(set_sync):
             set_sync(k == grad_accum - 1)
         x, y = batches.batch(data_step * grad_accum + k)
-        loss = model.loss(x.to(device), y.to(device)) * (factor / grad_accum)
+        # through the module call (same as model.loss): FSDP wrappers gather their parameters in forward
+        loss = model(x.to(device), y.to(device)) * (factor / grad_accum)
         loss.backward()
         total += loss.detach()
     return total
@@ -181,6 +182,8 @@ class Trainer:
             from opt.train.tensor_parallel import clip_grad_norm_
 
             return float(clip_grad_norm_(self.model, max_norm, self.layout))
+        if self.cfg.train.fsdp == "fairscale":
+            return float(cast(Any, self.model).clip_grad_norm_(max_norm))  # fairscale's: the norm over every rank's shards
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -194,7 +197,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         precision = t.precision if self.device == "cuda" else "fp32"
         model = OPT(self.model_cfg).to(self.device)
-        if self.layout is None:
+        if t.fsdp == "fairscale":
+            from opt.train.fairscale_fsdp import wrap
+
+            self.model = cast(OPT, wrap(model, precision))  # fairscale's wrapper: calls and attributes reach the OPT
+        elif self.layout is None:
             self.model = shard_model(model, self.world, self.device, precision)
         else:
             from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -209,8 +216,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds: model, active optimizer and dormant optimizers (per tp rank under TP)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
+        get_model_state_dict, get_optimizer_state_dict, _, _ = _state_api(self.cfg.train.fsdp)
         sd: dict[str, Any] = {
             "model": get_model_state_dict(self.model),
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
@@ -230,24 +236,25 @@ class Trainer:
             "dormant_optimizers": sorted(self.dormant),
             "spikes": self.state.to_dict(),
             "tensor_parallel": t.tensor_parallel,
+            "fsdp": t.fsdp,
         }
 
     def restore(self, ckpt: CommittedCheckpoint, cache_dir: str) -> dict[str, Any]:
         """Load weights, optimizer state and run state; the configured optimizer and settings take over."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
 
         t = self.cfg.train
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict = _state_api(t.fsdp)
         saved = read_trainer_state(ckpt)
         if saved.get("tensor_parallel", 1) != t.tensor_parallel:
             raise ValueError(
                 f"{ckpt.uri} was written with train.tensor_parallel={saved.get('tensor_parallel', 1)}; resume with the same "
                 "(the data-parallel size may change)"
+            )
+        if saved.get("fsdp", "fsdp2") != t.fsdp:
+            raise ValueError(
+                f"{ckpt.uri} was written with train.fsdp={saved.get('fsdp', 'fsdp2')} (its tensors are stored differently); "
+                "resume with the same backend, or export the model and start a new run from it"
             )
         saved_name = saved.get("hparams", {}).get("optimizer", "adamw")
         names = [saved_name, *saved.get("dormant_optimizers", [])]
@@ -269,6 +276,28 @@ class Trainer:
         self.step = saved["step"]
         self.state = spikes.SpikeState.from_dict(saved.get("spikes"))
         return saved
+
+
+def _state_api(fsdp: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """get/set of model and optimizer state dicts for `dcp`: torch's (FSDP2, TP) or fairscale's flat shards."""
+    if fsdp == "fairscale":
+        from opt.train import fairscale_fsdp as fs
+
+        def set_model(model: Any, sd: Any) -> None:
+            pass  # `dcp.load` has loaded in place: fairscale's state dict tensors are views of the parameters
+
+        def set_optim(model: Any, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+            fs.load_optimizer_state(optimizer, sd)
+
+        return fs.model_state, fs.optimizer_state, set_model, set_optim
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    return get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
 
 
 def run_training(

@@ -16,8 +16,9 @@ from opt.config import TrainConfig
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases and LayerNorm parameters are not decayed."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # a sharded parameter (fairscale flattens its shards) is judged by the shape of the whole tensor
+    decay = [p for p in model.parameters() if len(getattr(p, "_orig_size", p.shape)) >= 2]
+    no_decay = [p for p in model.parameters() if len(getattr(p, "_orig_size", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

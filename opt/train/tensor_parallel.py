@@ -110,17 +110,19 @@ class _TensorParallelOPT(OPT):
         """This rank's vocab slice of the logits, (B, T, vocab / tp); with `targets`, the loss of `loss`."""
         # Each rank sees only its vocab rows, so the gradient w.r.t. the hidden states is summed over tp in backward.
         logits = F.linear(mpu.copy_to_model_parallel_region(self.hidden(idx)), self.embed_tokens.weight)
-        if targets is None:
-            return logits
-        # .float() is a no-op for fp32 logits: fine, since fairscale subtracts the max from them in place and
-        # nothing else holds them. It has no ignore_index: give ignored positions a valid id, then zero them.
-        keep = targets != -100
-        per_token = mpu.vocab_parallel_cross_entropy(logits.float(), targets.masked_fill(~keep, 0))
-        return (per_token * keep).sum() / keep.sum().clamp(min=1)
+        return logits if targets is None else _vocab_parallel_loss(logits, targets)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the vocab shards; targets equal to -100 are ignored (0 if all are)."""
-        return self(idx, targets)
+        return _vocab_parallel_loss(self(idx), targets)
+
+
+def _vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # .float() is a no-op for fp32 logits: fine, since fairscale subtracts the max from them in place and
+    # nothing else holds them. It has no ignore_index: give ignored positions a valid id, then zero them.
+    keep = targets != -100
+    per_token = mpu.vocab_parallel_cross_entropy(logits.float(), targets.masked_fill(~keep, 0))
+    return (per_token * keep).sum() / keep.sum().clamp(min=1)
 
 
 def _no_init(weight: torch.Tensor) -> torch.Tensor:
