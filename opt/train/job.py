@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import re
-import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,150 +165,57 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
     """Run attempts until one finishes: each failure is logged with its rank, node and error, nodes that
     keep failing are kept out, and the run stops after `max_failures` attempts in a row without progress.
 
-    Restarts are ours, not Ray Train's (its FailureConfig is 0), so each new attempt can change placement
-    and the logbook sees every failure. Every attempt resumes from the newest committed checkpoint.
+    Ray Train restarts the worker group in place (its FailureConfig retries forever) while our policy,
+    a callback on its controller, logs every failure and decides: restart in place, restart with a new
+    placement (a node is to be kept out: the controller stops and this driver starts a new trainer with
+    the node excluded), or give up. An in-place restart skips a new controller's start-up (~5 s here).
+    Every attempt resumes from the newest committed checkpoint.
     """
-    from ray.train import FailureConfig, TrainingFailedError
-    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ControllerError, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import FailureConfig  # the Train V2 classes ray.train exports (mypy sees V1 there)
+    from ray.train.v2.api.config import RunConfig as RayRunConfig
+
+    from opt.train.restarts import _after_failure, _committed_step, _GiveUp, _PolicyState, _Replace, _RestartPolicy
 
     t = cfg.train
     run_uri = payload["run_uri"]
     storage_path, filesystem = _ray_storage(cfg)
-    excluded: list[str] = []
-    node_failures: Counter[str] = Counter()
-    in_a_row = 0
+    driver_started = time.time()
+    state = _PolicyState()
     # read by the driver's TorchTrainer, which passes it on to the controller it starts
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.health_check_interval_s)
-    for attempt in itertools.count(1):
-        before = _committed_step(run_uri)
+    while True:
+        state.before = _committed_step(run_uri)
+        run_config: Any = RayRunConfig(
+            name=t.run, storage_path=storage_path, storage_filesystem=filesystem,
+            callbacks=[_RestartPolicy(t, run_uri, state)],
+            # worker failures: retried in place for as long as the policy allows; a failure of the controller
+            # itself (the policy's decision to stop or re-place, workers that cannot be scheduled) ends fit()
+            failure_config=FailureConfig(max_failures=-1, controller_failure_limit=0),
+        )  # fmt: skip
         trainer = TorchTrainer(
             train_worker_entry,
-            train_loop_config={**payload, "attempt": attempt},
-            scaling_config=_scaling(t, excluded),
+            train_loop_config={**payload, "attempt": state.attempt, "trainer_started": time.time()},
+            scaling_config=_scaling(t, state.excluded),
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=t.collective_timeout_s),
-            run_config=RayRunConfig(
-                name=t.run, storage_path=storage_path, storage_filesystem=filesystem, failure_config=FailureConfig(max_failures=0)
-            ),
+            run_config=run_config,
         )
         try:
             return trainer.fit()
         except TrainingFailedError as e:
-            failed_at = time.time()
-            last_error, lost_nodes = _record_failure(e, attempt, logbook, node_failures)
-            in_a_row = 0 if _committed_step(run_uri) > before else in_a_row + 1
-            if in_a_row > t.max_failures:
-                message = (
-                    f"training run {t.run!r} stopped: {in_a_row} failed attempts in a row without a new checkpoint "
-                    f"(train.max_failures={t.max_failures}); last error: {last_error}. The logbook "
-                    f"({logbook.uri}) lists every failure"
-                )
-                logbook.append("run_failed", error=message)
-                raise TrainingError(message) from None
-            for node, count in node_failures.items():
-                if count >= t.exclude_node_after and node not in excluded:
-                    if _has_room(t, [*excluded, node, *lost_nodes]):
-                        excluded.append(node)
-                        logbook.append("node_excluded", node=node, failures=count)
-                    else:
-                        logbook.append("node_kept", node=node, failures=count, reason="the other nodes have no room for the workers")
-            logbook.append("restart", attempt=attempt + 1, failures_in_a_row=in_a_row, excluded_nodes=excluded,
-                           decided_in_s=round(time.time() - failed_at, 3))  # fmt: skip
-            log.warning("attempt %d of run %s failed (%s); restarting", attempt, t.run, last_error)
-    raise AssertionError("unreachable")
-
-
-def _record_failure(e: Exception, attempt: int, logbook: Logbook, node_failures: Counter[str]) -> tuple[str, set[str]]:
-    """One `failure` entry per failed rank (with its node and host, as the attempt's workers reported them).
-
-    A node is blamed (counted towards exclusion) when its worker died or raised an error of its own; a rank
-    that only saw its peer go away (connection closed or reset, a collective timing out) blames nobody, or
-    the survivors' nodes of every node kill would add up to their own exclusion. Returns the one-line error
-    and the nodes whose workers were lost (Ray may still list such a node as alive for a few seconds).
-    """
-    started = [ev for ev in logbook.read() if ev["event"] == "workers_started" and ev.get("attempt") == attempt]
-    workers: dict[str, dict[str, str]] = started[-1]["workers"] if started else {}
-    per_rank: dict[int, BaseException] = getattr(e, "worker_failures", None) or {}
-    if not per_rank:
-        logbook.append("failure", attempt=attempt, error=_one_line(e))
-        return _one_line(e), set()
-    import ray
-
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-    lost_nodes: set[str] = set()
-    lost_ranks: set[int] = set()
-    for rank, exc in sorted(per_rank.items()):
-        where = workers.get(str(rank), {})
-        node = where.get("node")
-        # the worker process is unreachable (its node or the process died), not a Python error in a live worker;
-        # node_lost: Ray already knows the node is dead (its health checks take a few seconds to say so)
-        lost = type(exc).__name__ in _LOST_WORKER_ERRORS
-        node_lost = bool(node) and node not in alive
-        blamed = lost or node_lost or not _PEER_ERROR.search(str(exc))
-        logbook.append("failure", attempt=attempt, rank=rank, node=node, host=where.get("host"), worker_lost=lost or node_lost,
-                       node_lost=node_lost, blamed=blamed, error=_one_line(exc))  # fmt: skip
-        if node and blamed:
-            node_failures[node] += 1
-        if node and (lost or node_lost):
-            lost_nodes.add(node)
-        if lost or node_lost:
-            lost_ranks.add(rank)
-    if not lost_ranks:
-        # only survivors' errors: Ray Train saw a rank lose its peer before the dead peer missed a health check
-        _watch_for_lost_nodes(attempt, {int(r): w for r, w in workers.items()}, logbook, node_failures)
-    culprit = next((x for r, x in sorted(per_rank.items()) if not _PEER_ERROR.search(str(x))), next(iter(per_rank.values())))
-    return _one_line(culprit), lost_nodes
-
-
-def _watch_for_lost_nodes(
-    attempt: int, workers: dict[int, dict[str, str]], logbook: Logbook, node_failures: Counter[str], timeout_s: float = 60.0
-) -> threading.Thread:
-    """Record, once Ray declares it dead, a node of the failed attempt whose loss no rank reported.
-
-    Runs in the background so the restart does not wait for Ray's node health checks (seconds); a hang
-    with every node alive just times out.
-    """
-    import ray
-
-    def watch() -> None:
-        start, pending = time.time(), {r: w for r, w in workers.items() if w.get("node")}
-        while pending and time.time() - start < timeout_s:
-            try:
-                dead = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
-            except Exception:  # Ray is shutting down (the run ended): nothing more to learn
-                return
-            for rank, w in sorted(pending.items()):
-                if w["node"] in dead:
-                    node_failures[w["node"]] += 1
-                    logbook.append("failure", attempt=attempt, rank=rank, node=w["node"], host=w.get("host"), worker_lost=True,
-                                   node_lost=True, blamed=True, seen_after_s=round(time.time() - start, 1),
-                                   error="NodeDiedError: Ray declared the node dead after the attempt failed")  # fmt: skip
-                    del pending[rank]
-            time.sleep(0.5)
-
-    thread = threading.Thread(target=watch, name=f"watch-lost-nodes-{attempt}", daemon=True)
-    thread.start()
-    return thread
-
-
-# what a rank sees when a peer dies or stops answering (gloo, NCCL, torch's store): its own node is not at fault
-_PEER_ERROR = re.compile(
-    r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|timed out after|Socket Timeout|"
-    r"NCCL communicator was aborted|ncclRemoteError|remote process exited|DistNetworkError",
-    re.IGNORECASE,
-)
-_LOST_WORKER_ERRORS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "NodeDiedError")
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    # Ray wraps the worker's traceback: its last line is the exception itself
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:500]
-
-
-def _committed_step(run_uri: str) -> int:
-    ckpt = latest_committed(run_uri)
-    return ckpt.step if ckpt else 0
+            cause = e.controller_failure if isinstance(e, ControllerError) else None
+            if isinstance(cause, _GiveUp):
+                raise TrainingError(str(cause)) from None
+            if isinstance(cause, _Replace):  # the policy keeps a node out: a new placement
+                state = cause.args[0]
+            else:  # the controller failed otherwise (e.g. the workers could not be scheduled): one more failed attempt
+                state = _PolicyState.from_logbook(logbook.read(), since=driver_started, current=state)
+                try:
+                    _after_failure(e, getattr(e, "worker_failures", None) or {}, t, run_uri, logbook, state)
+                except _GiveUp as stop:
+                    raise TrainingError(str(stop)) from None
+        logbook.append("restart", attempt=state.attempt, failures_in_a_row=state.in_a_row, excluded_nodes=state.excluded, in_place=False)
 
 
 def _scaling(t: TrainConfig, excluded: list[str]) -> Any:
@@ -327,19 +230,6 @@ def _scaling(t: TrainConfig, excluded: list[str]) -> Any:
         resources_per_worker=resources,
         label_selector={"ray.io/node-id": f"!in({','.join(excluded)})"} if excluded else None,
     )
-
-
-def _has_room(t: TrainConfig, excluded: list[str]) -> bool:
-    """Whether the alive nodes outside `excluded` can hold the smallest worker group the run accepts."""
-    import ray
-
-    need = {"CPU": t.cpus_per_worker, **t.resources_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    slots = 0
-    for node in ray.nodes():
-        if node.get("Alive") and node["NodeID"] not in excluded:
-            have = node.get("Resources", {})
-            slots += int(min(have.get(k, 0) // v for k, v in need.items() if v > 0))
-    return slots >= (t.min_workers or t.num_workers)
 
 
 def _ray_storage(cfg: RunConfig) -> tuple[str, Any]:

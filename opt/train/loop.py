@@ -278,6 +278,18 @@ class Trainer:
         return saved
 
 
+def _current_attempt(payload: dict[str, Any], logbook: Logbook | None) -> int | None:
+    """This attempt's number, the same on every rank. Ray Train restarts in place with the same payload, so
+    rank 0 takes the newest `restart` the restart policy logged since this trainer started, if any."""
+    attempt, since = payload.get("attempt"), payload.get("trainer_started")
+    if logbook is not None and attempt is not None and since is not None:
+        restarts = [e["attempt"] for e in logbook.read() if e["event"] == "restart" and e.get("t", 0) >= since]
+        attempt = max([attempt, *restarts])
+    box = [attempt]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _state_api(fsdp: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
     """get/set of model and optimizer state dicts for `dcp`: torch's (FSDP2, TP) or fairscale's flat shards."""
     if fsdp == "fairscale":
@@ -328,6 +340,7 @@ def run_training(
         if logbook is not None:
             logbook.append(event, **fields)
 
+    attempt = _current_attempt(payload, logbook)
     ckpt = latest_committed(run_uri, on_skip=lambda uri, why: note("checkpoint_skipped", uri=uri, reason=why))
     if ckpt is not None:
         trainer.restore(ckpt, cache_dir)
@@ -339,7 +352,7 @@ def run_training(
     # where a restart's time goes: process start and imports, model build, checkpoint load
     now = time.time()
     setup = {"process_s": round(entered - _process_start(), 2), "build_s": round(built - entered, 2), "load_s": round(now - built, 2)}
-    note("workers_started", attempt=payload.get("attempt"), step=trainer.step, world_size=world,
+    note("workers_started", attempt=attempt, step=trainer.step, world_size=world,
          workers={str(r): w for r, w in enumerate(workers)}, setup=setup)  # fmt: skip
     attempt_start, first_step = time.time(), True
     batches = TrainBatches(
@@ -367,7 +380,7 @@ def run_training(
         if pending is not None and all_ranks_done(pending, device):
             commit(pending)
             pending = None
-        _drill(t, step, rank, world, payload.get("attempt"), node)
+        _drill(t, step, rank, world, attempt, node)
         t0 = time.perf_counter()
         # dropout masks are a function of (seed, step, dp rank), so a resumed run draws the same ones; the
         # ranks of a tp group share the seed, so their replicated activations stay identical
@@ -414,7 +427,7 @@ def run_training(
         trainer.state = spikes.observe(t.spikes, trainer.state, loss_value)
         trainer.step = step + 1
         if first_step:  # the end of a restart: from here on the attempt does new work
-            note("first_step", attempt=payload.get("attempt"), step=step + 1, seconds_after_start=round(time.time() - attempt_start, 3))
+            note("first_step", attempt=attempt, step=step + 1, seconds_after_start=round(time.time() - attempt_start, 3))
             first_step = False
         dt = time.perf_counter() - t0
         tflops = recipe.batch_tokens * flops_per_token / dt / 1e12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opt.train.job import _PEER_ERROR
+from opt.train.restarts import _PEER_ERROR
 
 # what surviving ranks reported in node-kill and hang drills on this machine (gloo over TCP)
 PEER_ERRORS = [
@@ -32,3 +32,20 @@ def test_errors_seen_from_a_lost_peer_blame_nobody(text: str) -> None:
 @pytest.mark.parametrize("text", OWN_ERRORS)
 def test_a_ranks_own_error_blames_its_node(text: str) -> None:
     assert not _PEER_ERROR.search(text)
+
+
+def test_the_driver_takes_up_the_controllers_policy_state_from_the_logbook() -> None:
+    from opt.train.restarts import _PolicyState
+
+    t0 = 1000.0
+    entries = [
+        {"event": "failure", "t": t0 - 50, "node": "old", "blamed": True},  # an earlier driver's: not ours
+        {"event": "failure", "t": t0 + 1, "node": "a", "blamed": True},
+        {"event": "failure", "t": t0 + 1, "node": "b", "blamed": False},  # only lost its peer
+        {"event": "restart", "t": t0 + 2, "attempt": 2, "failures_in_a_row": 1, "excluded_nodes": []},
+        {"event": "failure", "t": t0 + 9, "node": "a", "blamed": True},
+        {"event": "restart", "t": t0 + 10, "attempt": 3, "failures_in_a_row": 0, "excluded_nodes": ["x"]},
+    ]
+    state = _PolicyState.from_logbook(entries, since=t0, current=_PolicyState(attempt=1, before=7))
+    assert (state.attempt, state.in_a_row, state.excluded, state.before) == (3, 0, ["x"], 7)
+    assert state.node_failures == {"a": 2}
