@@ -51,10 +51,6 @@ def wrap(model: OPT, precision: str, device: torch.device | None = None) -> nn.M
     return FSDP(model, **kwargs)
 
 
-def is_wrapped(model: nn.Module) -> bool:
-    return type(model).__name__ == "FullyShardedDataParallel" and type(model).__module__.startswith("fairscale")
-
-
 def _clean(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in ("_fsdp_wrapped_module", "_fpw_module"))
 
@@ -143,8 +139,3 @@ def _ensure_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
     for g, lr in zip(optimizer.param_groups, lrs, strict=True):
         g["lr"] = lr
-
-
-def flat_template(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Load targets for a fairscale checkpoint in one process: flat views of whole tensors (for export)."""
-    return {name: t.view(-1) for name, t in full.items()}
