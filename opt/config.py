@@ -108,6 +108,12 @@ class ChaosConfig(Section):
     """On the first attempt, the last rank stops answering at this step, so its peers' collective hangs."""
 
 
+FAIRSCALE_NEEDS_CUDA = (
+    "train.fsdp=fairscale runs on CUDA only (fairscale's FSDP drives CUDA streams in forward and backward): "
+    "set train.use_gpu=true on a GPU cluster, or keep train.fsdp=fsdp2, which runs on CPU and GPU"
+)
+
+
 class TrainConfig(Section):
     run: str = Field("tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: `<store>/runs/<run>/`; the same name resumes from the newest committed checkpoint."""
@@ -187,10 +193,7 @@ class TrainConfig(Section):
             raise ValueError(f"train.min_workers={self.min_workers} exceeds train.num_workers={self.num_workers}")
         if self.fsdp == "fairscale":
             if not self.use_gpu:
-                raise ValueError(
-                    "train.fsdp=fairscale runs on CUDA only (fairscale's FSDP drives CUDA streams in forward and backward): "
-                    "set train.use_gpu=true on a GPU cluster, or keep train.fsdp=fsdp2, which runs on CPU and GPU"
-                )
+                raise ValueError(FAIRSCALE_NEEDS_CUDA)
             if self.tensor_parallel > 1:
                 raise ValueError("train.fsdp=fairscale with train.tensor_parallel > 1 is not supported; use train.fsdp=fsdp2 for TP x FSDP")
             if self.async_checkpoint:

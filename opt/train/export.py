@@ -20,9 +20,9 @@ def load_checkpoint_model(ckpt: CommittedCheckpoint, cache_dir: str | Path) -> O
     model = OPT(OPTConfig.from_dict(trainer["model"]))
     tp = trainer.get("tensor_parallel", 1)
     full = model.state_dict()
+    flat = trainer.get("fsdp") == "fairscale"  # its checkpoints hold flat tensors: load into flat views of the model's
     if tp == 1:
-        # fairscale's checkpoints hold flat tensors: load into flat views of the model's
-        state = {"model": {k: v.view(-1) for k, v in full.items()} if trainer.get("fsdp") == "fairscale" else full}
+        state = {"model": {k: v.view(-1) for k, v in full.items()} if flat else full}
     else:
         from opt.train.tensor_parallel import split_dim
 
@@ -39,7 +39,7 @@ def load_checkpoint_model(ckpt: CommittedCheckpoint, cache_dir: str | Path) -> O
     if tp > 1:
         parts = [state[f"tp{r}"]["model"] for r in range(tp)]
         state = {"model": {k: parts[0][k] if (d := split_dim(k)) is None else torch.cat([p[k] for p in parts], dim=d) for k in full}}
-    elif trainer.get("fsdp") == "fairscale":
+    elif flat:
         state = {"model": full}  # loaded through its flat views
     model.load_state_dict(state["model"])
     return model.eval()

@@ -20,12 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from opt.config import FAIRSCALE_NEEDS_CUDA
 from opt.model import OPT
-
-NOT_ON_CPU = (
-    "train.fsdp=fairscale runs on CUDA only (fairscale's FSDP drives CUDA streams in forward and backward); "
-    "set train.use_gpu=true on a GPU machine, or use train.fsdp=fsdp2, which runs on CPU (gloo) and GPU"
-)
 
 
 def wrap(model: OPT, precision: str, device: torch.device | None = None) -> nn.Module:
@@ -34,7 +30,7 @@ def wrap(model: OPT, precision: str, device: torch.device | None = None) -> nn.M
 
     if device is None:
         if not torch.cuda.is_available():
-            raise RuntimeError(NOT_ON_CPU)
+            raise RuntimeError(FAIRSCALE_NEEDS_CUDA)
         device = torch.device("cuda", torch.cuda.current_device())
     bf16 = precision == "bf16"
     kwargs: dict[str, Any] = dict(

@@ -16,9 +16,10 @@ from opt.config import TrainConfig
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases and LayerNorm parameters are not decayed."""
-    # a sharded parameter (fairscale flattens its shards) is judged by the shape of the whole tensor
-    decay = [p for p in model.parameters() if len(getattr(p, "_orig_size", p.shape)) >= 2]
-    no_decay = [p for p in model.parameters() if len(getattr(p, "_orig_size", p.shape)) < 2]
+    from opt.train.fairscale_fsdp import full_shape  # a fairscale shard is flat: judge it by the whole tensor
+
+    decay = [p for p in model.parameters() if len(full_shape(p)) >= 2]
+    no_decay = [p for p in model.parameters() if len(full_shape(p)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
