@@ -140,6 +140,17 @@ class TrainConfig(Section):
     health_check_interval_s: float = Field(0.5, gt=0, le=60)
     """How often Ray Train's controller polls the workers: a dead worker or node is seen within about this
     long (Ray's default is 2 s; one poll is one small RPC per worker)."""
+    lost_actor_grace_ms: int = Field(0, ge=0, le=60_000)
+    """How long a call to an unreachable Ray actor waits for the cluster to confirm the actor's death before
+    it fails (Ray's `timeout_ms_task_wait_for_death_info`, default 1000, checked on a ~1 s timer). Tearing
+    down a worker group with a dead worker waits on two such calls, so Ray's default adds ~4 s to every
+    restart. 0 fails them at once; a call that fails on a passing network fault then costs one restart
+    from the newest checkpoint. Applies when this command starts its Ray job (`ray.init`)."""
+    preemption_watcher: bool = False
+    """Run Ray Train's preemption watcher: an actor per attempt that polls for draining nodes and holds the
+    restart until the drain deadline. The trainer does not yet checkpoint on a drain notice, so off costs
+    nothing: a drained node's ranks fail and the run restarts from the newest checkpoint, as for any lost
+    node. On, each restart also starts that actor's process (~2.5 CPU-seconds on a small head node)."""
     max_steps: int = Field(40, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per rank per step."""

@@ -49,7 +49,10 @@ def _ray_init(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     # A local instance by default; a cluster by address. Quiet logs: the trainer prints its own progress.
-    ray.init(address=cfg.train.ray_address, configure_logging=False)
+    # The job's env reaches every process of it, Ray Train's controller included, whose teardown of a
+    # worker group with a dead worker otherwise waits ~2 x 2 s for the death to be confirmed.
+    env = {"RAY_timeout_ms_task_wait_for_death_info": str(cfg.train.lost_actor_grace_ms)}
+    ray.init(address=cfg.train.ray_address, configure_logging=False, runtime_env={"env_vars": env})
 
 
 def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
@@ -172,7 +175,7 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
     Every attempt resumes from the newest committed checkpoint.
     """
     from ray.train import ControllerError, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     from ray.train.v2.api.config import FailureConfig  # the Train V2 classes ray.train exports (mypy sees V1 there)
     from ray.train.v2.api.config import RunConfig as RayRunConfig
 
@@ -183,8 +186,7 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
     storage_path, filesystem = _ray_storage(cfg)
     driver_started = time.time()
     state = _PolicyState()
-    # read by the driver's TorchTrainer, which passes it on to the controller it starts
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(t.health_check_interval_s)
+    os.environ.update(_controller_env(t))
     while True:
         state.before = _committed_step(run_uri)
         run_config: Any = RayRunConfig(
@@ -194,7 +196,7 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
             # itself (the policy's decision to stop or re-place, workers that cannot be scheduled) ends fit()
             failure_config=FailureConfig(max_failures=-1, controller_failure_limit=0),
         )  # fmt: skip
-        trainer = TorchTrainer(
+        trainer = _trainer_class()(
             train_worker_entry,
             train_loop_config={**payload, "attempt": state.attempt, "trainer_started": time.time()},
             scaling_config=_scaling(t, state.excluded),
@@ -216,6 +218,32 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
                 except _GiveUp as stop:
                     raise TrainingError(str(stop)) from None
         logbook.append("restart", attempt=state.attempt, failures_in_a_row=state.in_a_row, excluded_nodes=state.excluded, in_place=False)
+
+
+def _controller_env(t: TrainConfig) -> dict[str, str]:
+    """Ray Train settings read from the driver's environment by TorchTrainer, which passes them on to the
+    controller it starts (Ray Train's ENV_VARS_TO_PROPAGATE)."""
+    return {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(t.health_check_interval_s),
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1" if t.preemption_watcher else "0",
+    }
+
+
+def _trainer_class() -> Any:
+    """Ray Train's TorchTrainer without its Ray Data hook.
+
+    The trainer reads its own token shards, but Ray Train's DatasetsCallback starts a DatasetManager actor
+    for every attempt, datasets or not: one more Python process (imports of ray.data and pandas, ~2.3
+    CPU-seconds on the head node) on every restart's path. `_create_default_callbacks` is Ray Train V2's
+    own (ray 2.60, pinned); tests/unit/train/test_job.py checks the rest of the list is untouched."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, DatasetsCallback)]
+
+    return Trainer
 
 
 def _scaling(t: TrainConfig, excluded: list[str]) -> Any:

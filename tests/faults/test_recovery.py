@@ -165,3 +165,35 @@ def test_an_elastic_run_starts_with_the_workers_the_cluster_has(cluster, referen
     result = stages.train(cfg)
     assert result.checkpoint.step == 4
     assert events(cfg, "workers_started")[-1]["world_size"] in (1, 2)
+
+
+PROBE = """
+import os, sys, ray
+from opt.config import load_config
+from opt.train.job import _ray_init
+
+_ray_init(load_config(None, [f"train.ray_address={sys.argv[1]}", "train.lost_actor_grace_ms=250"]))
+NAME = "RAY_timeout_ms_task_wait_for_death_info"
+
+@ray.remote(num_cpus=0)
+class Worker:  # started by an actor with its own env vars, as Ray Train starts its workers
+    def env(self):
+        return os.environ.get(NAME)
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def env(self):
+        worker = Worker.options(runtime_env={"env_vars": {"OTHER": "1"}}).remote()
+        return os.environ.get(NAME), ray.get(worker.env.remote())
+
+print(*ray.get(Controller.remote().env.remote()))
+"""
+
+
+def test_the_lost_actor_grace_reaches_every_process_of_the_job(cluster):
+    """Ray Train's controller tears a group with a dead worker down through calls to that worker, each
+    waiting `train.lost_actor_grace_ms` for Ray to confirm the death: the setting must reach the controller
+    and the workers, which are actors of the driver's job (a core-worker setting, read at process start)."""
+    out = subprocess.run([sys.executable, "-c", PROBE, cluster["address"]], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["250", "250"]
