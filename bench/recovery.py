@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opt import stages  # noqa: E402
 from opt.config import RunConfig, load_config  # noqa: E402
 from opt.logbook import Logbook, totals  # noqa: E402
-from tests.faults.drills import corpus, wait_for  # noqa: E402
+from tests.faults.drills import NODE_DEATH_DETECTION, corpus, wait_for  # noqa: E402
 
 
 def run_config(root: Path, src: Path, address: str, run: str, max_steps: int, checkpoint_every: int) -> list[str]:
@@ -187,7 +187,8 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    head = {"num_cpus": 0, "include_dashboard": False, "_system_config": NODE_DEATH_DETECTION}  # as infra/ray/ sets it
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     for _ in range(3):  # two for the run, one spare
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, configure_logging=False)

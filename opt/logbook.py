@@ -1,7 +1,11 @@
-"""The run logbook: an append-only `logbook.jsonl` beside the checkpoints, one JSON event per line.
+"""The run logbook: append-only JSON events, one per line, beside the checkpoints.
 
-OPT-175B's logbook was written by hand; ours is written by the trainer, the driver and people
-(`optctl logbook note`). Events are never rewritten.
+OPT-175B's logbook was written by hand; ours is written by the trainer, the driver, Ray Train's
+controller and people (`optctl logbook note`), often at the same moment. Events are never rewritten.
+On a local or shared filesystem they go to one `logbook.jsonl` with O_APPEND, which keeps concurrent
+lines whole. S3 has no append, and a read-modify-write from two processes loses a line, so there each
+process writes its own object under `logbook/` (rewritten whole as it grows, by that process only), and
+reading merges them by time.
 """
 
 from __future__ import annotations
@@ -10,18 +14,47 @@ import collections
 import json
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from opt import storage
 
 LOGBOOK_FILE = "logbook.jsonl"
+SEGMENTS_DIR = "logbook"
+"""On S3: one object of events per writing process (`<utc>-<host>-<pid>-<id>.jsonl`)."""
+
+
+@dataclass
+class _Segment:
+    """This process's logbook object on S3: only this process writes it."""
+
+    uri: str
+    text: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_segments: dict[tuple[str, int], _Segment] = {}
+_segments_lock = threading.Lock()
+_read_cache: dict[str, tuple[int, str]] = {}
+"""Segments read before, by URI: (size, text). Segments only grow, so an unchanged size is unchanged text."""
+
+
+def _segment(run_uri: str) -> _Segment:
+    key = (run_uri, os.getpid())  # a forked child gets its own object, never its parent's
+    with _segments_lock:
+        if key not in _segments:
+            name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            _segments[key] = _Segment(storage.join(run_uri, SEGMENTS_DIR, f"{name}.jsonl"))
+        return _segments[key]
 
 
 class Logbook:
     def __init__(self, run_uri: str) -> None:
+        self.run_uri = run_uri
         self.uri = storage.join(run_uri, LOGBOOK_FILE)
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -30,9 +63,10 @@ class Logbook:
         entry = {"ts": ts, "t": round(now, 3), "event": event, "host": socket.gethostname(), **fields}
         line = json.dumps(entry, sort_keys=True, default=str) + "\n"
         if storage.is_s3(self.uri):
-            # S3 has no append: rewrite the object with the line added (one writer per run: the driver or rank 0)
-            old = storage.read_text(self.uri) if storage.exists(self.uri) else ""
-            storage.write_text(self.uri, old + line)
+            seg = _segment(self.run_uri)
+            with seg.lock:  # the controller appends from two threads
+                storage.write_text(seg.uri, seg.text + line)
+                seg.text += line  # only once written: a failed write is not repeated by the next append
         else:
             path = Path(self.uri)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,9 +80,18 @@ class Logbook:
         return entry
 
     def read(self) -> list[dict[str, Any]]:
-        if not storage.exists(self.uri):
-            return []
-        return [json.loads(line) for line in storage.read_text(self.uri).splitlines() if line.strip()]
+        """Every event, oldest first."""
+        texts = [storage.read_text(self.uri)] if storage.exists(self.uri) else []  # on S3: a logbook from before segments
+        if storage.is_s3(self.uri):
+            for uri, size in storage.list_sizes(storage.join(self.run_uri, SEGMENTS_DIR)).items():
+                cached = _read_cache.get(uri)
+                if cached is None or cached[0] != size:
+                    text = storage.read_text(uri)
+                    cached = _read_cache[uri] = (len(text.encode("utf-8")), text)
+                texts.append(cached[1])
+        events = [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+        # each writer's events are in order; across writers, by time (a stable sort keeps a writer's ties in order)
+        return sorted(events, key=lambda e: e.get("t", 0.0)) if len(texts) > 1 else events
 
 
 @dataclass(frozen=True)

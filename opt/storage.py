@@ -224,6 +224,18 @@ def list_files(prefix_uri: str) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith(TMP_PREFIX))
 
 
+def list_sizes(prefix_uri: str) -> dict[str, int]:
+    """`list_files` with each object's size in bytes (one listing, no reads)."""
+    if is_s3(prefix_uri):
+        bucket, key = _split_s3(prefix_uri)
+        key = key.rstrip("/") + "/" if key else ""
+        out: dict[str, int] = {}
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out.update((f"s3://{bucket}/{obj['Key']}", obj["Size"]) for obj in page.get("Contents", []))
+        return dict(sorted(out.items()))
+    return {uri: Path(uri).stat().st_size for uri in list_files(prefix_uri)}
+
+
 def delete(uri: str) -> None:
     """Delete one object, or everything under a directory/prefix. Missing targets are fine."""
     if is_s3(uri):

@@ -49,10 +49,19 @@ def _ray_init(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     # A local instance by default; a cluster by address. Quiet logs: the trainer prints its own progress.
-    # The job's env reaches every process of it, Ray Train's controller included, whose teardown of a
-    # worker group with a dead worker otherwise waits ~2 x 2 s for the death to be confirmed.
-    env = {"RAY_timeout_ms_task_wait_for_death_info": str(cfg.train.lost_actor_grace_ms)}
-    ray.init(address=cfg.train.ray_address, configure_logging=False, runtime_env={"env_vars": env})
+    ray.init(address=cfg.train.ray_address, configure_logging=False, runtime_env={"env_vars": _job_env(cfg.train)})
+
+
+def _job_env(t: TrainConfig) -> dict[str, str]:
+    """Env vars for every process of the driver's Ray job, Ray Train's controller included (whose teardown of
+    a worker group with a dead worker otherwise waits ~2 x 2 s for Ray to confirm the death).
+
+    Under `ray job submit` (or a KubeRay RayJob) Ray merges these into the submitted runtime env and
+    refuses a key set in both, so a key the submission sets is left to it."""
+    env = {"RAY_timeout_ms_task_wait_for_death_info": str(t.lost_actor_grace_ms)}
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = (submitted.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
@@ -149,7 +158,7 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
             last = gave_up[-1]
             message = (
                 f"training run {t.run!r} gave up at step {last['step']} after {last['rollbacks']} rollbacks: {last['reason']}; "
-                f"the logbook ({storage.join(uri, 'logbook.jsonl')}) lists every spike. Lower train.lr, raise "
+                f"the logbook (`optctl logbook show {t.run}`) lists every spike. Lower train.lr, raise "
                 "train.spikes.max_rollbacks, or look at the data around the spikes' data steps"
             )
             logbook.append("run_failed", error=message)

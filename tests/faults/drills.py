@@ -13,6 +13,10 @@ from opt.config import RunConfig, load_config
 from opt.logbook import Logbook
 from tests.conftest import write_jsonl
 
+# The head's node-death detection as infra/ray/ configures it: 3 missed health checks 1 s apart (Ray's
+# default is 5 x 3 s, during which a restart may try to pull from the dead node's object store).
+NODE_DEATH_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
 TEXT = "The quick brown fox {} jumps over the lazy dog while the cat watches from the warm windowsill. "
 
 

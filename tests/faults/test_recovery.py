@@ -19,7 +19,17 @@ from opt.config import RunConfig
 from opt.logbook import Logbook
 from opt.train.checkpoint import COMMIT_FILE, step_uri
 from tests.conftest import REPO
-from tests.faults.drills import config, corpus, events, final_weights, node_of_rank, settings, train_in_background, wait_for
+from tests.faults.drills import (
+    NODE_DEATH_DETECTION,
+    config,
+    corpus,
+    events,
+    final_weights,
+    node_of_rank,
+    settings,
+    train_in_background,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -30,7 +40,7 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # a local instance from earlier tests; this module needs its own cluster
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": NODE_DEATH_DETECTION})
     for _ in range(2):
         c.add_node(num_cpus=1)
     ray.init(address=c.address, configure_logging=False)

@@ -119,3 +119,51 @@ def test_missing_objects_raise_storage_error_naming_the_uri(bucket: str, tmp_pat
 def test_a_uri_without_a_bucket_is_rejected() -> None:
     with pytest.raises(StorageError, match="bucket"):
         storage.read_bytes("s3:///key")
+
+
+APPENDER = """
+import sys
+from opt.logbook import Logbook
+
+book = Logbook(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    book.append("tick", writer=sys.argv[2], i=i)
+"""
+
+
+def test_the_logbook_keeps_every_line_when_processes_append_at_once(bucket: str) -> None:
+    """The driver, Ray Train's controller and rank 0 append to one run's logbook at the same moments; S3
+    cannot append, so a shared object rewritten by each would lose lines."""
+    import subprocess
+    import sys
+
+    from opt.logbook import Logbook
+
+    run = storage.join(bucket, "runs", "r1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", APPENDER, run, f"w{n}", "15"], env=os.environ.copy(), stderr=subprocess.PIPE)
+        for n in range(3)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:] if p.stderr else ""
+    events = Logbook(run).read()
+    assert len(events) == 45
+    for n in range(3):
+        assert [e["i"] for e in events if e["writer"] == f"w{n}"] == list(range(15))  # each writer's order kept
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+
+
+def test_the_logbook_reads_one_written_before_per_writer_objects(bucket: str) -> None:
+    """A run whose logbook.jsonl was written whole (before per-writer objects) keeps its events, in time order."""
+    import json
+
+    from opt.logbook import LOGBOOK_FILE, Logbook
+
+    run = storage.join(bucket, "runs", "old")
+    old = [{"ts": "2026-01-01T00:00:00Z", "t": 1.0, "event": "run_started", "host": "h"}]
+    storage.write_text(storage.join(run, LOGBOOK_FILE), "".join(json.dumps(e) + "\n" for e in old))
+    book = Logbook(run)
+    book.append("note", text="after the upgrade")
+    assert [e["event"] for e in book.read()] == ["run_started", "note"]
+    book.append("note", text="and again")  # this process's object grows; a reader sees the new size
+    assert [e.get("text") for e in book.read()] == [None, "after the upgrade", "and again"]
