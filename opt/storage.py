@@ -212,12 +212,7 @@ def exists(uri: str) -> bool:
 def list_files(prefix_uri: str) -> list[str]:
     """URIs of all objects under `prefix_uri` (recursively), sorted; in-flight writes excluded."""
     if is_s3(prefix_uri):
-        bucket, key = _split_s3(prefix_uri)
-        key = key.rstrip("/") + "/" if key else ""
-        out: list[str] = []
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
-        return sorted(out)
+        return list(list_sizes(prefix_uri))
     root = Path(prefix_uri)
     if not root.is_dir():
         return []

@@ -245,8 +245,8 @@ def _trainer_class() -> Any:
     for every attempt, datasets or not: one more Python process (imports of ray.data and pandas, ~2.3
     CPU-seconds on the head node) on every restart's path. `_create_default_callbacks` is Ray Train V2's
     own (ray 2.60, pinned); tests/unit/train/test_job.py checks the rest of the list is untouched."""
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2.torch.torch_trainer import TorchTrainer  # what ray.train.torch exports (mypy sees V1 there)
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
