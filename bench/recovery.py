@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from opt import stages  # noqa: E402
 from opt.config import RunConfig, load_config  # noqa: E402
 from opt.logbook import Logbook, totals  # noqa: E402
-from tests.faults.drills import NODE_DEATH_DETECTION, corpus, wait_for  # noqa: E402
+from tests.faults.drills import NODE_DEATH_DETECTION, corpus, node_of_rank, wait_for  # noqa: E402
 
 
 def run_config(root: Path, src: Path, address: str, run: str, max_steps: int, checkpoint_every: int) -> list[str]:
@@ -87,8 +87,7 @@ class Drill:
         return sum(e["event"] == "first_step" for e in events(self.cfg))
 
     def kill_rank1_node(self) -> float:
-        started = [e for e in events(self.cfg) if e["event"] == "workers_started"][-1]
-        node_id = started["workers"]["1"]["node"]
+        node_id = node_of_rank(self.cfg, 1)
         node = next(n for n in self.cluster.worker_nodes if n.node_id == node_id)
         t = time.time()
         self.cluster.remove_node(node, allow_graceful=False)
@@ -100,8 +99,7 @@ class Drill:
 
     def replace_spare(self) -> None:
         """The same node churn without a failure (for the uninterrupted run): a spare is killed and replaced."""
-        started = [e for e in events(self.cfg) if e["event"] == "workers_started"][-1]
-        busy = {w["node"] for w in started["workers"].values()}
+        busy = {node_of_rank(self.cfg, rank) for rank in (0, 1)}
         spare = next(n for n in self.cluster.worker_nodes if n.node_id not in busy)
         self.cluster.remove_node(spare, allow_graceful=False)
         self.add_spare()
