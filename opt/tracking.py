@@ -13,6 +13,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+Point = tuple[str, float, int, int]  # one metric point: (key, value, timestamp in ms, step)
+
 
 def prepare_tracking_uri(uri: str) -> str:
     """Create the directory of a SQLite tracking database so a fresh checkout works."""
@@ -72,7 +74,7 @@ class MetricsBuffer:
         self.tracking_uri, self.run_id, self.spill_path, self.interval_s = tracking_uri, run_id, spill_path, interval_s
         self._client_factory = client_factory or (lambda: client(tracking_uri))
         self._client: Any = None
-        self._pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        self._pending: list[Point] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -87,8 +89,16 @@ class MetricsBuffer:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
+        self.extend([(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def extend(self, points: list[Point]) -> None:
+        """Queue points made elsewhere (e.g. by rank 0 for the run's metrics sink)."""
         with self._lock:
-            self._pending += [(k, float(v), ts, step) for k, v in metrics.items()]
+            self._pending += points
+
+    def send_soon(self) -> None:
+        """Wake the sender now instead of at its next interval; does not wait."""
+        self._wake.set()
 
     @property
     def pending(self) -> int:

@@ -142,8 +142,12 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         "cache_dir": str(scratch / "cache"),
     }
     _ray_init(cfg)
+    from opt.train.metrics_sink import close_sink, start_sink
+
+    # rank 0 of every attempt hands its metrics to this one actor (no MLflow client on the restart path)
+    sink = start_sink(cfg.tracking.uri, mlflow_run_id, scratch / "cache" / "metrics-pending" / f"{mlflow_run_id}.json")
     try:
-        result = _fit_with_restarts(cfg, payload, logbook)
+        result = _fit_with_restarts(cfg, {**payload, "metrics_sink": sink}, logbook)
     except TrainingError:
         _log_logbook(cfg, uri, mlflow_run_id, logbook)
         raise
@@ -151,6 +155,9 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         logbook.append("run_failed", error=f"{type(e).__name__}: {e}"[:2000])
         _log_logbook(cfg, uri, mlflow_run_id, logbook)
         raise TrainingError(f"training run {t.run!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        if not close_sink(sink):
+            log.warning("some metrics could not be sent to MLflow yet; the next run of %s sends them", t.run)
     final = latest_committed(uri)
     if final is None or final.step < t.max_steps:
         gave_up = [e for e in logbook.read() if e["event"] == "spike_gave_up"]

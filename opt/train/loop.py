@@ -25,6 +25,7 @@ from opt.data.manifest import DatasetManifest
 from opt.logbook import Logbook
 from opt.model import OPT, OPTConfig
 from opt.model.plan import train_flops_per_token
+from opt.tracking import MetricsBuffer
 from opt.train import spikes
 from opt.train.checkpoint import (
     CommittedCheckpoint,
@@ -37,6 +38,7 @@ from opt.train.checkpoint import (
     prune,
     read_trainer_state,
 )
+from opt.train.metrics_sink import SinkClient
 from opt.train.optim import apply_hparams, build_optimizer, hparams
 from opt.train.recipe import ResolvedRecipe, resolve
 from opt.train.schedule import lr_at
@@ -320,8 +322,6 @@ def run_training(
     Needs an initialised default process group. `payload` holds plain data: the config, the manifest,
     the run URI, the MLflow run id and a local cache dir. Returns this rank's trainer as it ended.
     """
-    from opt.tracking import MetricsBuffer
-
     cfg = RunConfig.model_validate(payload["config"])
     manifest = DatasetManifest.from_json(payload["manifest"])
     run_uri: str = payload["run_uri"]
@@ -358,8 +358,7 @@ def run_training(
     batches = TrainBatches(
         open_train_sources(manifest, cache_dir), manifest.seq_len, t.micro_batch_size, trainer.dp_rank, trainer.dp, t.seed
     )
-    spill = Path(cache_dir) / "metrics-pending" / f"{payload['mlflow_run_id']}.json"
-    metrics = MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"], spill_path=spill) if rank == 0 else None
+    metrics = _metrics(payload, cfg) if rank == 0 else None
     flops_per_token = train_flops_per_token(trainer.model_cfg, manifest.seq_len)
     peak = peak_tflops(t, device)
     background = dist.new_group(backend="gloo") if t.async_checkpoint else None
@@ -367,6 +366,8 @@ def run_training(
 
     def commit(p: PendingSave) -> None:
         uri = finish_save(p, rank)
+        if metrics is not None:  # the points up to a committed step leave this process now
+            metrics.send_soon()
         if rank == 0:
             note("checkpoint", step=p.step, uri=uri, loss=p.trainer_state.get("loss"))
             if deleted := prune(run_uri, t.keep_checkpoints, t.keep_every):
@@ -459,6 +460,18 @@ def run_training(
     if metrics is not None and not metrics.close():
         log.warning("some metrics could not be sent to MLflow yet; the next run of %s sends them", run_uri)
     return trainer
+
+
+def _metrics(payload: dict[str, Any], cfg: RunConfig) -> MetricsBuffer | SinkClient:
+    """Rank 0's metrics: through the run's sink actor when the driver started one (see
+    opt/train/metrics_sink.py), else straight to MLflow from this process."""
+    spill = Path(payload["cache_dir"]) / "metrics-pending" / f"{payload['mlflow_run_id']}.json"
+
+    def local() -> MetricsBuffer:
+        return MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"], spill_path=spill)
+
+    sink = payload.get("metrics_sink")
+    return SinkClient(sink, local) if sink is not None else local()
 
 
 def train_worker(payload: dict[str, Any]) -> None:

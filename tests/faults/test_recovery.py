@@ -88,6 +88,11 @@ def test_a_killed_worker_node_is_replaced_and_the_run_ends_bitwise_equal(cluster
     assert events(cfg, "restart") and events(cfg, "resumed")[-1]["step"] >= 4
     md = stages_logbook(cfg)
     assert "- restarts: 1" in md and "- hosts lost: 1" in md
+    # every step's metrics reached MLflow, those of the attempt the kill ended included
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(cfg.tracking.uri).get_metric_history(out["result"].mlflow_run_id, "loss")
+    assert {m.step for m in history} == set(range(1, 13))
 
 
 def stages_logbook(cfg: RunConfig) -> str:
