@@ -83,12 +83,15 @@ class Logbook:
         """Every event, oldest first."""
         texts = [storage.read_text(self.uri)] if storage.exists(self.uri) else []  # on S3: a logbook from before segments
         if storage.is_s3(self.uri):
-            for uri, size in storage.list_sizes(storage.join(self.run_uri, SEGMENTS_DIR)).items():
-                cached = _read_cache.get(uri)
-                if cached is None or cached[0] != size:
-                    text = storage.read_text(uri)
-                    cached = _read_cache[uri] = (len(text.encode("utf-8")), text)
-                texts.append(cached[1])
+            sizes = storage.list_sizes(storage.join(self.run_uri, SEGMENTS_DIR))
+            new = [uri for uri, size in sizes.items() if uri not in _read_cache or _read_cache[uri][0] != size]
+            if new:  # a run with many restarts has many segments: fetch the new and grown ones side by side
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=min(16, len(new))) as pool:
+                    for uri, text in zip(new, pool.map(storage.read_text, new), strict=True):
+                        _read_cache[uri] = (len(text.encode("utf-8")), text)
+            texts += [_read_cache[uri][1] for uri in sizes]
         events = [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
         # each writer's events are in order; across writers, by time (a stable sort keeps a writer's ties in order)
         return sorted(events, key=lambda e: e.get("t", 0.0)) if len(texts) > 1 else events
