@@ -154,14 +154,36 @@ def goodput(cluster: Any, root: Path, src: Path, seconds: float, kill_every: flo
                 drill.add_spare()
                 spare_after = None
             time.sleep(0.2)
-        step = max([e["step"] for e in events(cfg) if e["event"] == "checkpoint" and e["t"] <= start + seconds], default=0)
+        evs = events(cfg)
+        step = max([e["step"] for e in evs if e["event"] == "checkpoint" and e["t"] <= start + seconds], default=0)
         results[name] = step / seconds
-        lost = totals(events(cfg))
+        lost = totals(evs)
         print(
             f"{name}: {step} committed steps in {seconds:.0f} s; restarts {lost.restarts}, time lost {lost.time_lost_s:.0f} s", flush=True
         )
+        # where the steps went: per kill interval, the steps committed and the steady rate once 15 s in
+        # (after any restart), so slower steps between restarts show apart from the restarts themselves
+        print("  per interval: " + ", ".join(f"{n} steps ({r:.2f}/s steady)" for n, r in intervals(evs, start, seconds, kill_every)))
         drill.stop()
     return {**results, "goodput": results["with_failures"] / results["uninterrupted"]}
+
+
+def intervals(evs: list[dict[str, Any]], start: float, seconds: float, every: float) -> list[tuple[int, float]]:
+    """(steps committed, steady steps/s from 15 s into it) for each `every`-second interval of the run."""
+    cks = [(e["t"], e["step"]) for e in evs if e["event"] == "checkpoint"]
+
+    def committed(t: float) -> int:
+        return max([s for ts, s in cks if ts <= t], default=0)
+
+    out = []
+    lo = start
+    while lo < start + seconds - 1:
+        hi = min(lo + every, start + seconds)
+        steady = [c for c in cks if lo + 15 <= c[0] <= hi]
+        rate = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) > 1 else float("nan")
+        out.append((committed(hi) - committed(lo), rate))
+        lo = hi
+    return out
 
 
 def _workers_gone() -> bool:

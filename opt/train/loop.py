@@ -320,7 +320,8 @@ def run_training(
     """Train from the newest committed checkpoint (or from scratch) to `train.max_steps` on this rank.
 
     Needs an initialised default process group. `payload` holds plain data: the config, the manifest,
-    the run URI, the MLflow run id and a local cache dir. Returns this rank's trainer as it ended.
+    the run URI, the MLflow run id and a local cache dir; under the driver also `metrics_sink`, the run's
+    metrics actor (without it rank 0 sends to MLflow itself). Returns this rank's trainer as it ended.
     """
     cfg = RunConfig.model_validate(payload["config"])
     manifest = DatasetManifest.from_json(payload["manifest"])
