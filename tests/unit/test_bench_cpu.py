@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "cpu_train_throughput.py"
+from tests.conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("cpu_train_throughput", BENCH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("cpu_train_throughput")
 
 
 def test_quick_run_reports_both_models_on_the_same_weights(bench, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
