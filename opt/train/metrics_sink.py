@@ -5,10 +5,11 @@ connection (~1.5-2 CPU-seconds) inside the training process, right after each re
 the first steps of every rank. Points it could not deliver were spilled on whichever node it ran, so a
 rank 0 placed elsewhere by the next attempt never replayed them.
 
-The sink is started once by the driver, beside it (the driver's node reaches the tracking server), and
-lives as long as the driver's job. Rank 0 only batches points and hands them to the sink with
-fire-and-forget actor calls; a batch is kept until the sink has taken it. Should the sink be lost, rank 0
-falls back to its own `MetricsBuffer` with every point not yet taken, so no point is dropped.
+The sink is started once by the driver, on the head node (which reaches the tracking server and
+outlives any worker node), and lives as long as the driver's job. Rank 0 only batches points and hands
+them to the sink with fire-and-forget actor calls; a batch is kept until the sink has taken it. Should
+the sink be lost, rank 0 falls back to its own `MetricsBuffer` with every point the sink had not taken
+(points it had taken but not yet delivered go with it: on the head, that is with the cluster).
 """
 
 from __future__ import annotations
@@ -40,16 +41,15 @@ class MetricsSink:
 
 
 def start_sink(tracking_uri: str, run_id: str, spill_path: Path | None) -> Any:
-    """Start the sink on this (the driver's) node; it ends with the driver's Ray job."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """Start the sink on the head node; it ends with the driver's Ray job.
 
-    here = ray.get_runtime_context().get_node_id()
+    The head lives as long as the cluster (and runs the driver under `ray job submit`): a sink on a worker
+    node would take the points it holds down with that node. Ray Train pins its own state actor the same way.
+    """
+    import ray
+
     actor: Any = ray.remote(num_cpus=0)(MetricsSink)
-    # soft: a driver's node that cannot host actors (e.g. a Ray Client proxy) still gets a sink elsewhere
-    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote(
-        tracking_uri, run_id, str(spill_path) if spill_path else None
-    )
+    return actor.options(resources={"node:__internal_head__": 0.001}).remote(tracking_uri, run_id, str(spill_path) if spill_path else None)
 
 
 def close_sink(sink: Any, timeout_s: float = 30.0) -> bool:
