@@ -142,10 +142,10 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         "cache_dir": str(scratch / "cache"),
     }
     _ray_init(cfg)
-    from opt.train.metrics_sink import close_sink, start_sink
+    from opt.train.metrics_sink import close_sink, spill_path, start_sink
 
     # rank 0 of every attempt hands its metrics to this one actor (no MLflow client on the restart path)
-    sink = start_sink(cfg.tracking.uri, mlflow_run_id, scratch / "cache" / "metrics-pending" / f"{mlflow_run_id}.json")
+    sink = start_sink(cfg.tracking.uri, mlflow_run_id, spill_path(scratch / "cache", mlflow_run_id))
     try:
         result = _fit_with_restarts(cfg, {**payload, "metrics_sink": sink}, logbook)
     except TrainingError:

@@ -38,7 +38,7 @@ from opt.train.checkpoint import (
     prune,
     read_trainer_state,
 )
-from opt.train.metrics_sink import SinkClient
+from opt.train.metrics_sink import SinkClient, spill_path
 from opt.train.optim import apply_hparams, build_optimizer, hparams
 from opt.train.recipe import ResolvedRecipe, resolve
 from opt.train.schedule import lr_at
@@ -466,7 +466,7 @@ def run_training(
 def _metrics(payload: dict[str, Any], cfg: RunConfig) -> MetricsBuffer | SinkClient:
     """Rank 0's metrics: through the run's sink actor when the driver started one (see
     opt/train/metrics_sink.py), else straight to MLflow from this process."""
-    spill = Path(payload["cache_dir"]) / "metrics-pending" / f"{payload['mlflow_run_id']}.json"
+    spill = spill_path(payload["cache_dir"], payload["mlflow_run_id"])
 
     def local() -> MetricsBuffer:
         return MetricsBuffer(cfg.tracking.uri, payload["mlflow_run_id"], spill_path=spill)

@@ -25,6 +25,11 @@ from opt.tracking import MetricsBuffer, Point
 log = logging.getLogger(__name__)
 
 
+def spill_path(cache_dir: str | Path, run_id: str) -> Path:
+    """Where points MLflow has not taken wait for the next run of the same MLflow run (a node-local cache)."""
+    return Path(cache_dir) / "metrics-pending" / f"{run_id}.json"
+
+
 class MetricsSink:
     """The actor: a `MetricsBuffer` (its own sender thread, retries, spill file) fed by rank 0."""
 
