@@ -116,7 +116,8 @@ def parity(ours: OPT, peer: torch.nn.Module, x: torch.Tensor) -> dict:
     loss_diff = abs(out.loss.item() - ours.loss(x, shifted_targets(x)).item())
     ours.train()
     peer.train()
-    return dict(max_abs_logit_diff=diff, loss_abs_diff=loss_diff)
+    # the scales beside the differences, so a reader can judge them against fp32 roundoff
+    return dict(max_abs_logit_diff=diff, max_abs_logit=out.logits.abs().max().item(), loss_abs_diff=loss_diff, loss=out.loss.item())
 
 
 def _minor_faults() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -232,9 +233,18 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout) -
 
 def full_state_dict(model: nn.Module, layout: ParallelLayout) -> dict[str, torch.Tensor]:
     """The full OPT state dict (original keys and shapes, on CPU) on every rank, gathered over dp and tp."""
+    return _gather_full(model.state_dict().items(), model, layout)
+
+
+def full_grads(model: nn.Module, layout: ParallelLayout) -> dict[str, torch.Tensor]:
+    """Every parameter's full gradient (OPT's names and shapes, on CPU) on every rank, gathered over dp and tp."""
+    return _gather_full(((n, p.grad) for n, p in model.named_parameters() if p.grad is not None), model, layout)
+
+
+def _gather_full(tensors: Iterable[tuple[str, torch.Tensor]], model: nn.Module, layout: ParallelLayout) -> dict[str, torch.Tensor]:
     split = _split_params(model)
     out: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
+    for name, value in tensors:
         t = value.full_tensor() if isinstance(value, DTensor) else value
         if name in split and layout.tp > 1:
             parts = [torch.empty_like(t) for _ in range(layout.tp)]

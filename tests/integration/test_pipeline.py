@@ -14,6 +14,7 @@ import pytest
 from opt import stages, storage
 from opt.config import load_config
 from opt.logbook import Logbook
+from tests import numerics
 from tests.conftest import SAMPLE
 
 pytestmark = pytest.mark.slow
@@ -106,7 +107,7 @@ def test_exported_version_loads_in_transformers(pipeline_run, tmp_path):
     ours = load_model(local / "consolidated")
     x = torch.randint(4, ours.cfg.vocab_size, (2, 32))
     with torch.no_grad():
-        assert torch.allclose(hf(input_ids=x).logits, ours(x), atol=1e-5)
+        numerics.assert_within(numerics.roundoff_usage({"logits": hf(input_ids=x).logits}, {"logits": ours(x)}), "registered HF export")
     tok = transformers.AutoTokenizer.from_pretrained(local / "hf")
     assert tok.decode(tok("def main():").input_ids).endswith("def main():")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests import numerics
 from tests.conftest import load_bench
 
 
@@ -22,8 +23,8 @@ def test_quick_run_reports_both_models_on_the_same_weights(bench, capsys: pytest
         torch.set_num_threads(threads)  # the bench sets the process's threads; later tests keep theirs
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith('{"bench": "cpu_train_throughput"')
-    # same weights: the peer's logits and loss equal ours, so the two step times measure the same work
-    assert out["max_abs_logit_diff"] < 1e-5 and out["loss_abs_diff"] < 1e-5
+    # same weights: the peer's logits and loss equal ours within fp32 roundoff, so the two step times measure the same work
+    assert out["max_abs_logit_diff"] <= numerics.REL * out["max_abs_logit"] and out["loss_abs_diff"] <= numerics.REL * out["loss"]
     assert out["ours_tokens_per_s"] > 0 and out["peer_tokens_per_s"] > 0
     assert out["ratio"] == pytest.approx(out["ours_tokens_per_s"] / out["peer_tokens_per_s"], rel=1e-2)
     assert out["adamw"] == {"ours": "fused", "peer": "default"}  # the trainer's optimizer, not a bench-only one
