@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from opt.access.cli import add_access_commands
 
-    add_access_commands(sub, _config_args, _load)
+    add_access_commands(sub, _config_args)
     return parser
 
 

@@ -237,16 +237,42 @@ class RegistryConfig(Section):
 
 
 class AccessConfig(Section):
-    db_url: str = "sqlite:///.opt/access.db"
-    """SQLAlchemy URL of the access database (PostgreSQL in production)."""
-    link_ttl_seconds: int = Field(3600, ge=1)
-    """Lifetime of a download link."""
+    """The access service: who may download gated versions' weights (`optctl access serve`)."""
+
+    home: str = ".opt/access"
+    """Where the embedded service keeps its keys (0700); the default database and release root live here too."""
+    db_url: str = "sqlite:///.opt/access/access.db"
+    """SQLAlchemy URL of the access database (PostgreSQL in production); migrated by Alembic on start."""
+    release_root: str = ".opt/access/releases"
+    """Where gated versions' weight files are published: a local folder (0700) or an s3:// prefix only the service reads."""
+    url: str = "http://127.0.0.1:8600"
+    """The service as clients reach it (`$OPT_ACCESS_URL` and `--server` override it)."""
+    licence_file: str | None = None
+    """The licence a gated release is published under (text); None: the bundled non-commercial research licence."""
     grant_days: int = Field(30, ge=1)
-    """How long an approved grant lasts."""
+    """How long an approved grant lasts unless the reviewer says less."""
+    max_grant_days: int = Field(365, ge=1)
+    """The most a reviewer may grant."""
     download_quota: int = Field(5, ge=1)
-    """Downloads a grant allows."""
+    """Whole downloads a grant allows unless the reviewer says otherwise."""
+    max_download_quota: int = Field(100, ge=1)
+    """The most downloads a reviewer may grant."""
+    link_ttl_seconds: int = Field(300, ge=1, le=7 * 24 * 3600)
+    """Lifetime of one file's link (a presigned S3 URL or the service's own); S3 allows at most 7 days."""
+    token_days: int = Field(90, ge=1)
+    """Lifetime of an API token."""
+    download_hours: int = Field(72, ge=1)
+    """How long a started download can be resumed without taking more quota."""
     secret_env: str = "OPT_ACCESS_SECRET"
-    """Environment variable holding the link-signing secret; without it one is kept in `.opt/access.secret`."""
+    """Environment variable holding the service secret (audit chain, file links); without it one is kept under `home`."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AccessConfig:
+        if self.grant_days > self.max_grant_days:
+            raise ValueError(f"access.grant_days ({self.grant_days}) is over access.max_grant_days ({self.max_grant_days})")
+        if self.download_quota > self.max_download_quota:
+            raise ValueError(f"access.download_quota ({self.download_quota}) is over access.max_download_quota ({self.max_download_quota})")
+        return self
 
 
 class RunConfig(Section):
@@ -284,6 +310,10 @@ class RunConfig(Section):
         data["tracking"]["uri"] = sqlite(self.tracking.uri)
         data["tracking"]["artifact_root"] = path(self.tracking.artifact_root)
         data["access"]["db_url"] = sqlite(self.access.db_url)
+        data["access"]["home"] = path(self.access.home)
+        data["access"]["release_root"] = path(self.access.release_root)
+        if self.access.licence_file:
+            data["access"]["licence_file"] = path(self.access.licence_file)
         for src in data["data"]["sources"]:
             src["uri"] = path(src["uri"])
         return RunConfig.model_validate(data)

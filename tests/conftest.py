@@ -45,6 +45,9 @@ def write_jsonl(path: Path, records: list[dict | str]) -> Path:
     return path
 
 
+from tests.access_world import access_world, world  # noqa: E402,F401  (fixtures: one access service per session)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def opt_home(tmp_path_factory):
     """Scratch space (`OPT_HOME`: work dirs, caches, secrets) under the session's tmp dir, not the checkout."""

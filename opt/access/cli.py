@@ -1,155 +1,277 @@
-"""`optctl access ...`: file, review and use access requests for gated model versions."""
+"""`optctl access ...`: the access service's command line.
+
+`serve`, `user add`, `user token` and `keygen` run where the access database and keys are (an operator). Every
+other command talks to the service over HTTP as the token's user: the server from `--server` or `$OPT_ACCESS_URL`,
+the token from `$OPT_ACCESS_TOKEN` or `--token-file` (mode 0600), never from the command line, where every local
+user could read it in `ps`. A refusal prints one line and exits 2; what users typed is shown escaped.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from opt.access.names import terminal_safe as safe
+from opt.errors import OptError
 
-def _service(cfg: Any) -> Any:
-    from opt.access.service import AccessService
-    from opt.train.job import work_dir
-
-    return AccessService.from_config(cfg.access, work_dir(cfg))
-
-
-def cmd_request(args: argparse.Namespace, cfg: Any) -> None:
-    from opt.access.download import require_gated_version
-
-    require_gated_version(cfg.tracking.uri, args.model, args.version)
-    req = _service(cfg).request_access(args.user, args.email, args.affiliation, args.purpose, args.model, args.version)
-    print(f"request {req.id} filed for {req.model_name} v{req.model_version}; a reviewer approves it with "
-          f"`optctl access approve {req.id} --reviewer NAME`")  # fmt: skip
+DEFAULT_URL = "http://127.0.0.1:8600"
+TOKEN_ENV = "OPT_ACCESS_TOKEN"
+URL_ENV = "OPT_ACCESS_URL"
+PUBLIC_KEY_ENV = "OPT_ACCESS_PUBLIC_KEY"
 
 
-def cmd_list(args: argparse.Namespace, cfg: Any) -> None:
-    rows = _service(cfg).list_requests(args.status)
-    print(f"{'id':>4} {'status':<9} {'requester':<16} {'model':<20} {'version':>7}  affiliation")
+def read_token_file(path: str) -> str:
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise OptError(f"{path} is readable by other users (mode {mode & 0o777:o}); run `chmod 600 {path}`")
+        token = p.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise OptError(f"token file {path}: {e.strerror or e}") from None
+    if not token:
+        raise OptError(f"token file {path} is empty")
+    return token
+
+
+def write_token_file(path: str, token: str) -> None:
+    """Write a token to a new file only its owner can read."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise OptError(f"cannot write token file {path}: {e.strerror or e} (it must not exist yet)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from opt.access.client import AccessClient
+
+    token = read_token_file(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV)
+    if not token:
+        raise OptError(f"no token: set ${TOKEN_ENV} or pass --token-file FILE (an operator makes one with `optctl access user add`)")
+    return AccessClient(args.server or os.environ.get(URL_ENV) or DEFAULT_URL, token)
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from opt.access.server import build_service
+    from opt.config import load_config
+
+    return build_service(load_config(args.config, args.overrides).resolved(Path.cwd()).access)
+
+
+# --- operator commands (on the database's host) ------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from opt.access.server import serve
+    from opt.config import load_config
+
+    serve(load_config(args.config, args.overrides).resolved(Path.cwd()).access, args.host, args.port)
+
+
+def cmd_user_add(args: argparse.Namespace) -> None:
+    user, token = _service(args).add_user(args.name, args.email, args.role)
+    if args.token_out:
+        write_token_file(args.token_out, token.token)
+        print(f"account {user.name} ({user.role}) created; its token (expires {token.expires_at:%Y-%m-%d}) is in {args.token_out}")
+    else:
+        print(f"account {user.name} ({user.role}) created; its token, shown once (expires {token.expires_at:%Y-%m-%d}):")
+        print(token.token)
+
+
+def cmd_user_token(args: argparse.Namespace) -> None:
+    token = _service(args).operator_token(args.name)
+    if args.token_out:
+        write_token_file(args.token_out, token.token)
+        print(f"new token for {safe(args.name)} in {args.token_out} (expires {token.expires_at:%Y-%m-%d})")
+    else:
+        print(token.token)
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from opt.access.keys import SIGNING_KEY_ENV, new_signing_seed
+
+    print(f"{SIGNING_KEY_ENV}={new_signing_seed()}")
+
+
+# --- everyone (over HTTP) ----------------------------------------------------------------------------
+
+
+def cmd_whoami(args: argparse.Namespace) -> None:
+    me = _client(args).call("GET", "/v1/me")
+    print(f"{me['name']} ({me['role']})")
+
+
+def cmd_licence(args: argparse.Namespace) -> None:
+    rel = _client(args).call("GET", f"/v1/releases/{args.model}/{args.version}")
+    print(rel["licence"])
+    print(f"licence sha256 {rel['licence_sha256']}; accept it with `optctl access request ... --accept-licence`")
+
+
+def cmd_request(args: argparse.Namespace) -> None:
+    c = _client(args)
+    rel = c.call("GET", f"/v1/releases/{args.model}/{args.version}")
+    if not args.accept_licence:
+        raise OptError(f"read the licence (`optctl access licence {args.model} {args.version}`) and pass --accept-licence to accept it")
+    body = {"model": args.model, "version": args.version, "affiliation": args.affiliation, "organisation_kind": args.organisation_kind,
+            "purpose": args.purpose, "accept_licence_sha256": rel["licence_sha256"]}  # fmt: skip
+    req = c.call("POST", "/v1/requests", body)
+    print(
+        f"request {req['id']} filed for {safe(req['model'])} v{safe(req['version'])}; a reviewer decides it "
+        "(`optctl access list` shows its state)"
+    )
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    rows = _client(args).call("GET", "/v1/requests", params={"status": args.status})
+    print(f"{'id':>4} {'status':<9} {'requester':<20} {'model':<20} {'version':>7}  {'kind':<22} affiliation")
     for r in rows:
-        print(f"{r.id:>4} {r.status:<9} {r.requester:<16} {r.model_name:<20} {r.model_version:>7}  {r.affiliation}")
+        print(f"{r['id']:>4} {r['status']:<9} {safe(r['requester']):<20} {safe(r['model']):<20} {safe(r['version']):>7}  "
+              f"{r['organisation_kind']:<22} {safe(r['affiliation'])}")  # fmt: skip
+        if r["decision_reason"]:
+            print(f"{'':>15}reason: {safe(r['decision_reason'])}")
 
 
-def cmd_approve(args: argparse.Namespace, cfg: Any) -> None:
-    grant = _service(cfg).approve(args.request_id, args.reviewer, args.days, args.quota)
-    print(f"grant {grant.id}: expires {grant.expires_at:%Y-%m-%d %H:%M} UTC, {grant.download_quota} downloads; "
-          f"the requester gets a link with `optctl access link {grant.id} --user NAME`")  # fmt: skip
+def cmd_grants(args: argparse.Namespace) -> None:
+    rows = _client(args).call("GET", "/v1/grants")
+    print(f"{'id':>4} {'requester':<20} {'model':<20} {'version':>7}  {'expires (UTC)':<16} {'downloads':>9}  state")
+    for g in rows:
+        state = f"revoked: {safe(g['revoke_reason'])}" if g["revoked_at"] else "in force"
+        print(f"{g['id']:>4} {safe(g['requester']):<20} {safe(g['model']):<20} {safe(g['version']):>7}  {g['expires_at'][:16]:<16} "
+              f"{g['downloads_used']:>4}/{g['download_quota']:<4}  {state}")  # fmt: skip
 
 
-def cmd_deny(args: argparse.Namespace, cfg: Any) -> None:
-    req = _service(cfg).deny(args.request_id, args.reviewer, args.reason)
-    print(f"request {req.id} denied")
+def cmd_approve(args: argparse.Namespace) -> None:
+    g = _client(args).call("POST", f"/v1/requests/{args.request_id}/approve", {"days": args.days, "quota": args.quota})
+    print(f"grant {g['id']} for {safe(g['requester'])}: {g['download_quota']} downloads until {g['expires_at'][:16]} UTC")
 
 
-def cmd_revoke(args: argparse.Namespace, cfg: Any) -> None:
-    grant = _service(cfg).revoke(args.grant_id, args.actor, args.reason)
-    print(f"grant {grant.id} revoked; its links stop working now")
+def cmd_deny(args: argparse.Namespace) -> None:
+    r = _client(args).call("POST", f"/v1/requests/{args.request_id}/deny", {"reason": args.reason})
+    print(f"request {r['id']} denied; {safe(r['requester'])} sees the reason and may apply again")
 
 
-def cmd_link(args: argparse.Namespace, cfg: Any) -> None:
-    link = _service(cfg).issue_link(args.grant_id, args.user)
-    print(link.url)
-    print(f"expires {link.expires_at:%Y-%m-%d %H:%M:%S} UTC", flush=True)
+def cmd_revoke(args: argparse.Namespace) -> None:
+    g = _client(args).call("POST", f"/v1/grants/{args.grant_id}/revoke", {"reason": args.reason})
+    print(f"grant {g['id']} revoked: the next file of any download under it is refused")
 
 
-def cmd_download(args: argparse.Namespace, cfg: Any) -> None:
-    from opt.access.download import download
-
-    files = download(_service(cfg), cfg.tracking.uri, args.token, args.model, args.version, Path(args.out))
-    print(f"{len(files)} files, {sum(f['size'] for f in files):,} bytes, sha256-verified, in {args.out}")
-
-
-def cmd_audit(args: argparse.Namespace, cfg: Any) -> None:
-    for e in _service(cfg).audit(args.subject):
-        print(f"{e.at:%Y-%m-%d %H:%M:%S} {e.actor:<16} {e.action:<20} {e.subject:<12} {e.detail}")
+def cmd_download(args: argparse.Namespace) -> None:
+    c = _client(args)
+    files = c.download(args.model, args.version, Path(args.out), public_key=args.public_key or os.environ.get(PUBLIC_KEY_ENV),
+                       workers=args.workers, progress=not args.no_progress)  # fmt: skip
+    fresh = [f for f in files if not f.skipped]
+    print(f"{len(files)} files, {sum(f.size for f in files):,} bytes, signature and sha256 verified, in {args.out}"
+          + (f" ({len(files) - len(fresh)} already there)" if len(fresh) < len(files) else ""))  # fmt: skip
 
 
-def cmd_demo(args: argparse.Namespace, cfg: Any) -> None:
-    """Walk through the gated workflow on the newest registered version of the configured model."""
-    import tempfile
-
-    from opt.access.download import download, require_gated_version
-    from opt.access.links import AccessDenied
-    from opt.errors import OptError
-    from opt.tracking import client
-
-    name = cfg.model_name
-    versions = client(cfg.tracking.uri).search_model_versions(f"name = '{name}'")
-    if not versions:
-        raise OptError(f"no registered versions of {name}; run `optctl pipeline run` first")
-    version = str(max(int(v.version) for v in versions))
-    require_gated_version(cfg.tracking.uri, name, version)
-    svc = _service(cfg)
-    print(f"\nAccess workflow on gated {name} v{version}:")
-    req = svc.request_access("demo-researcher", "researcher@university.edu", "Demo University",
-                             "Reproduce the OPT evaluation on held-out Python documentation", name, version)  # fmt: skip
-    print(f"  1. researcher files request {req.id} (pending)")
-    if svc.grant_for_request(req.id) is None:
-        print("  2. until a reviewer approves there is no grant, so no download link can be issued")
-    grant = svc.approve(req.id, "demo-reviewer")
-    print(f"  3. reviewer approves: grant {grant.id}, {grant.download_quota} downloads until {grant.expires_at:%Y-%m-%d}")
-    link = svc.issue_link(grant.id, "demo-researcher")
-    print(f"  4. researcher gets a link valid until {link.expires_at:%H:%M:%S} UTC")
-    with tempfile.TemporaryDirectory() as tmp:
-        files = download(svc, cfg.tracking.uri, link.token, name, version, Path(tmp))
-        print(f"  5. download: {len(files)} files, sha256-verified")
-        tampered = link.token[:-2] + ("AA" if not link.token.endswith("AA") else "BB")
-        try:
-            download(svc, cfg.tracking.uri, tampered, name, version, Path(tmp) / "x")
-        except AccessDenied as e:
-            print(f"  6. a tampered link is refused: {e.reason}")
-        else:
-            raise OptError("access demo: a tampered link was accepted; the access gate is broken")
-        svc.revoke(grant.id, "demo-reviewer", "demo finished")
-        try:
-            download(svc, cfg.tracking.uri, link.token, name, version, Path(tmp) / "y")
-        except AccessDenied as e:
-            print(f"  7. after revocation the same link is refused at once: {e.reason}")
-        else:
-            raise OptError("access demo: a revoked grant's link still worked; the access gate is broken")
-    print("  every step is in the audit log: optctl access audit")
+def cmd_audit(args: argparse.Namespace) -> None:
+    c = _client(args)
+    if args.what == "verify":
+        r = c.call("GET", "/v1/audit/verify")
+        if not r["ok"]:
+            raise OptError(f"audit chain broken after {r['entries']} entries: {r['problem']}")
+        print(f"audit chain intact: {r['entries']} entries, every hash and mac verified")
+        return
+    for e in c.call("GET", "/v1/audit", params={"actor": args.actor, "action": args.action, "subject": args.subject}):
+        print(f"{e['id']:>6} {e['at'][:19]} {safe(e['actor']):<20} {e['action']:<22} {safe(e['subject']):<16} {safe(e['detail'])}")
 
 
-def add_access_commands(sub: Any, config_args: Callable[..., None], load: Callable[[argparse.Namespace], Any]) -> None:
-    access = sub.add_parser("access", help="access requests for gated model versions").add_subparsers(dest="access_cmd", required=True)
+def cmd_token(args: argparse.Namespace) -> None:
+    c = _client(args)
+    if args.token_cmd == "list":
+        for t in c.call("GET", "/v1/tokens"):
+            state = "revoked" if t["revoked_at"] else f"expires {t['expires_at'][:10]}"
+            print(f"{t['id']:>4} {safe(t['label']):<30} {state}")
+    elif args.token_cmd == "create":
+        t = c.call("POST", "/v1/tokens", {"label": args.label, "days": args.days})
+        write_token_file(args.token_out, t["token"])
+        print(f"token {t['id']} in {args.token_out} (expires {t['expires_at'][:10]})")
+    else:
+        c.call("DELETE", f"/v1/tokens/{args.token_id}")
+        print(f"token {args.token_id} revoked")
 
-    def add(name: str, func: Callable[[argparse.Namespace, Any], None], help: str) -> argparse.ArgumentParser:
-        p = access.add_parser(name, help=help)
-        config_args(p)
-        p.set_defaults(func=lambda args: func(args, load(args)))
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from opt.access.demo import run_demo
+    from opt.config import load_config
+
+    run_demo(load_config(args.config, args.overrides).resolved(Path.cwd()))
+
+
+def add_access_commands(sub: Any, config_args: Callable[..., None]) -> None:
+    access = sub.add_parser("access", help="the access service for gated model versions").add_subparsers(dest="access_cmd", required=True)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", help=f"the access service's URL (default ${URL_ENV} or {DEFAULT_URL})")
+        p.add_argument("--token-file", help=f"file holding your API token, mode 0600 (default ${TOKEN_ENV})")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help: str, operator: bool = False, parent: Any = access) -> Any:
+        p = parent.add_parser(name, help=help)
+        (config_args if operator else client_args)(p)
+        p.set_defaults(func=func)
         return p
 
-    p = add("request", cmd_request, "file a request to download a gated model version")
-    p.add_argument("--model", required=True)
-    p.add_argument("--version", required=True)
-    p.add_argument("--user", required=True)
+    p = add("serve", cmd_serve, "run the access service (HTTP; OpenAPI at /openapi.json)", operator=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8600)
+    users = access.add_parser("user", help="accounts (operator, on the database's host)").add_subparsers(dest="user_cmd", required=True)
+    p = add("add", cmd_user_add, "create an account and print its first token once", operator=True, parent=users)
+    p.add_argument("name")
     p.add_argument("--email", required=True)
-    p.add_argument("--affiliation", required=True)
-    p.add_argument("--purpose", required=True, help="intended research use (at least 20 characters)")
-    p = add("list", cmd_list, "list requests")
-    p.add_argument("--status", choices=["pending", "approved", "denied", "revoked"])
-    p = add("approve", cmd_approve, "approve a pending request (reviewer)")
-    p.add_argument("request_id", type=int)
-    p.add_argument("--reviewer", required=True)
-    p.add_argument("--days", type=int, help="grant lifetime (default: access.grant_days)")
-    p.add_argument("--quota", type=int, help="downloads allowed (default: access.download_quota)")
-    p = add("deny", cmd_deny, "deny a pending request (reviewer)")
-    p.add_argument("request_id", type=int)
-    p.add_argument("--reviewer", required=True)
-    p.add_argument("--reason", required=True)
-    p = add("revoke", cmd_revoke, "revoke a grant; its links stop working at once")
-    p.add_argument("grant_id", type=int)
-    p.add_argument("--actor", required=True)
-    p.add_argument("--reason", required=True)
-    p = add("link", cmd_link, "issue an expiring download link for your grant")
-    p.add_argument("grant_id", type=int)
-    p.add_argument("--user", required=True)
-    p = add("download", cmd_download, "download a gated version with a link; files are sha256-verified")
-    p.add_argument("token", help="the token or the opt-download: link")
+    p.add_argument("--role", required=True, choices=["researcher", "reviewer", "admin"])
+    p.add_argument("--token-out", help="write the token to this new file (mode 0600) instead of printing it")
+    p = add("token", cmd_user_token, "a new token for an existing account (a lost token)", operator=True, parent=users)
+    p.add_argument("name")
+    p.add_argument("--token-out", help="write the token to this new file (mode 0600) instead of printing it")
+    add("keygen", cmd_keygen, "print a new release-signing key for the service's environment", operator=True)
+    add("whoami", cmd_whoami, "the account your token belongs to")
+    p = add("licence", cmd_licence, "show a gated release's licence")
+    p.add_argument("model")
+    p.add_argument("version")
+    p = add("request", cmd_request, "request access to a gated model version")
     p.add_argument("--model", required=True)
     p.add_argument("--version", required=True)
+    p.add_argument("--affiliation", required=True)
+    p.add_argument("--organisation-kind", required=True, choices=["academic", "government", "civil-society", "industry-research-lab"])
+    p.add_argument("--purpose", required=True, help="intended research use (at least 20 characters)")
+    p.add_argument("--accept-licence", action="store_true", help="accept the release's licence (see `optctl access licence`)")
+    p = add("list", cmd_list, "requests: your own, or every one for reviewers")
+    p.add_argument("--status", choices=["pending", "approved", "denied", "revoked"])
+    add("grants", cmd_grants, "grants: your own, or every one for reviewers")
+    p = add("approve", cmd_approve, "approve a pending request (reviewers)")
+    p.add_argument("request_id", type=int)
+    p.add_argument("--days", type=int, help="grant lifetime (default and bound: the server's)")
+    p.add_argument("--quota", type=int, help="whole downloads allowed (default and bound: the server's)")
+    p = add("deny", cmd_deny, "deny a pending request with a reason (reviewers)")
+    p.add_argument("request_id", type=int)
+    p.add_argument("--reason", required=True)
+    p = add("revoke", cmd_revoke, "revoke a grant; the next file is refused (reviewers)")
+    p.add_argument("grant_id", type=int)
+    p.add_argument("--reason", required=True)
+    p = add("download", cmd_download, "download a gated version you hold a grant for; signature and sha256 verified")
+    p.add_argument("model")
+    p.add_argument("version")
     p.add_argument("--out", required=True)
-    p = add("audit", cmd_audit, "show the append-only audit log")
+    p.add_argument("--public-key", help=f"the service's release key to pin (default ${PUBLIC_KEY_ENV}, else the one it serves)")
+    p.add_argument("--workers", type=int, default=4, help="files fetched in parallel")
+    p.add_argument("--no-progress", action="store_true")
+    p = add("audit", cmd_audit, "the audit trail (yours; everyone's for reviewers), or `audit verify`")
+    p.add_argument("what", nargs="?", choices=["verify"], help="verify: check the whole hash chain")
+    p.add_argument("--actor")
+    p.add_argument("--action")
     p.add_argument("--subject", help="e.g. grant:3 or request:2")
-    add("demo", cmd_demo, "walk through request -> review -> link -> verified download -> revocation")
+    tokens = access.add_parser("token", help="your API tokens").add_subparsers(dest="token_cmd", required=True)
+    add("list", cmd_token, "list your tokens", parent=tokens)
+    p = add("create", cmd_token, "make a new token into a file (mode 0600)", parent=tokens)
+    p.add_argument("--label", required=True)
+    p.add_argument("--days", type=int)
+    p.add_argument("--token-out", required=True)
+    p = add("revoke", cmd_token, "revoke one of your tokens", parent=tokens)
+    p.add_argument("token_id", type=int)
+    add("demo", cmd_demo, "request -> review -> verified download -> revocation, through a service on a free port", operator=True)

@@ -1,415 +1,429 @@
-"""The access workflow: request -> review -> grant -> expiring, version-scoped, audited downloads.
+"""The rules of gated access, whoever calls: releases, requests, reviews, grants, downloads, the audit trail.
 
-OPT-175B was released through a form, a manual review and an expiring signed URL; this is that process
-with the gaps closed: a grant covers one registered model version, lasts `grant_days`, allows
-`download_quota` downloads and can be revoked, and every link is checked against the grant at the moment
-of use, so revocation stops links already handed out. Every state change, and every refused link or
-download, writes an audit entry in the same transaction as the change.
+Every method takes the caller as a `Principal` (never a name typed by the caller) and decides on its own:
+only reviewers and admins review and revoke, nobody reviews their own request, researchers see and act on
+their own requests, grants, downloads and audit entries only, and every number a caller asks for (grant days,
+quota) is bounded by the server's `Limits`. A refusal changes nothing, is audited with the actor, the object and
+the reason, and raises AccessDenied (policy), NotFound (no such object visible to the caller) or AccessError.
 
-A download is two calls. `authorize_download(token, name, version)` checks a link and returns the grant;
-it can be called once per file (per-file links) and does not consume quota. `record_download(grant_id,
-files, size_bytes)` is called once after the copy has been verified (sha256 against the download
-manifest) and counts one download against the quota, so a copy that failed half-way costs nothing.
+Downloads: `start_download` takes one unit of the grant's quota for a whole download of the release (or resumes
+the caller's open one, for free); `file_link` then checks the grant again for every file, so a revocation stops
+the next file at once; `complete_download` closes it once the client verified every file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from sqlalchemy import CursorResult, select, update
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from opt.access import links
-from opt.access.db import (
-    EMAIL_LEN,
-    NAME_LEN,
-    AccessRequest,
-    AuditEntry,
-    DownloadEvent,
-    Grant,
-    RequestStatus,
-    make_engine,
-    open_key_for,
-    session_factory,
-)
-from opt.access.links import AccessDenied, AccessError, DownloadLink, load_secret
-
-if TYPE_CHECKING:  # opt.config pulls in torch through the model presets; the access service must not need it
-    from opt.config import AccessConfig
+from opt.access import audit, links
+from opt.access.accounts import Accounts
+from opt.access.audit import ChainReport
+from opt.access.auth import Principal
+from opt.access.db import MODEL_LEN, TEXT_LEN, AccessRequest, AuditEntry, Download, Grant, OrganisationKind, Release, RequestStatus
+from opt.access.errors import AccessDenied, AccessError, Conflict, NotFound
+from opt.access.names import clean_text
+from opt.access.release import ReleaseFile, manifest_files, manifest_text
 
 MIN_PURPOSE_CHARS = 20
 MAX_PURPOSE_CHARS = 5000
-# Plausibility only (one @, a dot in the domain, no spaces): the reviewer judges the rest.
-EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
-
-Clock = Callable[[], datetime]
 
 
-def utc_now() -> datetime:
-    """The default clock: now, timezone-aware UTC."""
-    return datetime.now(UTC)
+@dataclass(frozen=True)
+class FileGrant:
+    """Where one file of a download may be fetched: a presigned S3 URL, or the service's own short-lived link."""
+
+    url: str | None
+    token: str | None
+    file: ReleaseFile
 
 
-class AccessService:
-    """Requests, reviews, grants, download links and the audit log, over one SQLAlchemy database."""
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) if not isinstance(result, CursorResult) else result.rowcount)
 
-    def __init__(
-        self,
-        db_url: str,
-        secret: bytes,
-        link_ttl_seconds: int = 3600,
-        grant_days: int = 30,
-        download_quota: int = 5,
-        clock: Clock = utc_now,
-    ) -> None:
-        links.check_secret(secret)
-        self.link_ttl_seconds = _positive("link_ttl_seconds", link_ttl_seconds)
-        self.grant_days = _positive("grant_days", grant_days)
-        self.download_quota = _positive("download_quota", download_quota)
-        self._secret = secret
-        self._clock = clock
-        try:
-            self._engine = make_engine(db_url)
-        except (ArgumentError, NoSuchModuleError) as e:
-            raise AccessError(f"access.db_url is not a usable SQLAlchemy URL: {e}") from e
-        self._sessions = session_factory(self._engine)
 
-    @classmethod
-    def from_config(cls, cfg: AccessConfig, home: Path, clock: Clock = utc_now) -> AccessService:
-        """The service for a run configuration's `access` section; the secret comes from `$<secret_env>` or `home/access.secret`."""
-        return cls(
-            cfg.db_url,
-            load_secret(cfg.secret_env, Path(home)),
-            link_ttl_seconds=cfg.link_ttl_seconds,
-            grant_days=cfg.grant_days,
-            download_quota=cfg.download_quota,
-            clock=clock,
-        )
+def open_key(user_id: int, release_id: int) -> str:
+    return hashlib.sha256(f"{user_id}:{release_id}".encode()).hexdigest()
 
-    def close(self) -> None:
-        """Release the database connections."""
-        self._engine.dispose()
 
-    # --- requests and reviews ---------------------------------------------------------------------
+class AccessService(Accounts):
+    # --- releases ------------------------------------------------------------------------------------
+
+    def publish_release(self, model: str, version: str, src_dir: Path, paths: list[str], licence: str, by: str = "operator") -> Release:
+        """Copy a gated version's files into the release root and record its signed manifest (operators only: this
+        runs where the registry and the database are, never for a researcher). Publishing the same files again
+        returns the release as it is; other files for a published version are refused."""
+        model, version = clean_text(model, "model", MODEL_LEN), clean_text(version, "version", 64)
+        licence = clean_text(licence, "licence", 100_000, multiline=True)
+        licence_sha = hashlib.sha256(licence.encode("utf-8")).hexdigest()
+        location, files = self.releases.publish(model, version, src_dir, paths)
+        text = manifest_text(model, version, files, licence_sha)
+        with self._sessions.begin() as s:
+            existing = s.scalars(select(Release).where(Release.model_name == model, Release.model_version == version)).one_or_none()
+            if existing is not None:
+                if existing.manifest != text:
+                    raise Conflict(f"{model} version {version} is already published with other files; register a new version instead")
+                return existing
+            release = Release(
+                model_name=model, model_version=version, location=location, manifest=text, signature=self.keys.sign(text.encode("utf-8")),
+                key_id=self.keys.key_id, licence=licence, licence_sha256=licence_sha, published_at=self._now(),
+            )  # fmt: skip
+            s.add(release)
+            s.flush()
+            self._audit(s, by, "release.published", f"release:{release.id}", {"model": model, "version": version, "files": len(files)})
+        return release
+
+    def release(self, actor: Principal, model: str, version: str) -> Release:
+        """A published release (its licence, manifest and signature); any signed-in account may read it."""
+        with self._sessions() as s:
+            rel = s.scalars(select(Release).where(Release.model_name == model, Release.model_version == version)).one_or_none()
+        if rel is None:
+            self._refuse(actor, "release.read", f"release:{model}:{version}"[:64], NotFound(f"no gated release {model} version {version}"))
+        return rel
+
+    # --- requests and reviews ----------------------------------------------------------------------
 
     def request_access(
-        self, requester: str, email: str, affiliation: str, purpose: str, model_name: str, model_version: str
+        self, actor: Principal, model: str, version: str, affiliation: str, organisation_kind: str, purpose: str, licence_sha256: str
     ) -> AccessRequest:
-        """File a pending request for one model version; AccessError on bad input or if one is already open."""
-        requester = _text("requester", requester)
-        email = _text("email", email, EMAIL_LEN)
-        if not EMAIL_RE.fullmatch(email):
-            raise AccessError(f"email {email!r} does not look like an email address (name@institution.org)")
-        affiliation = _text("affiliation", affiliation)
-        purpose = _text("purpose", purpose, MAX_PURPOSE_CHARS)
-        if len(purpose) < MIN_PURPOSE_CHARS:
-            raise AccessError(
-                f"purpose is {len(purpose)} characters: describe the intended research use in at least {MIN_PURPOSE_CHARS} "
-                "(what you will study and why it needs this model)"
-            )
-        model_name = _text("model_name", model_name)
-        model_version = _text("model_version", model_version, 64)
+        """File a pending request for one release, accepting its licence (by the sha256 of the text shown)."""
+        rel = self.release(actor, model, version)
+        subject = f"release:{rel.id}"
+        try:
+            affiliation = clean_text(affiliation, "affiliation", TEXT_LEN)
+            purpose = clean_text(purpose, "purpose", MAX_PURPOSE_CHARS, MIN_PURPOSE_CHARS, multiline=True)
+            if organisation_kind not in set(OrganisationKind):
+                raise AccessError(f"organisation kind must be one of {', '.join(OrganisationKind)}")
+            if licence_sha256 != rel.licence_sha256:
+                raise AccessError("the licence accepted is not this release's licence; read it again and accept it (--accept-licence)")
+        except AccessError as e:
+            self._refuse(actor, "request.create", subject, e)
         now = self._now()
-        key = open_key_for(requester, model_name, model_version)
+        key = open_key(actor.user_id, rel.id)
         try:
             with self._sessions.begin() as s:
-                superseded = self._release_spent_request(s, key, now)
+                self._release_spent_request(s, key)
                 req = AccessRequest(
-                    requester=requester,
-                    email=email,
-                    affiliation=affiliation,
-                    purpose=purpose,
-                    model_name=model_name,
-                    model_version=model_version,
-                    status=RequestStatus.PENDING,
-                    created_at=now,
-                    open_key=key,
-                )
+                    user_id=actor.user_id, release_id=rel.id, affiliation=affiliation, organisation_kind=organisation_kind,
+                    purpose=purpose, licence_sha256=licence_sha256, status=RequestStatus.PENDING, created_at=now, open_key=key,
+                )  # fmt: skip
                 s.add(req)
                 s.flush()
-                detail: dict[str, Any] = {"model": model_name, "version": model_version, "email": email, "affiliation": affiliation}
-                if superseded is not None:
-                    detail["supersedes_request"] = superseded
-                _audit(s, now, requester, "request.created", f"request:{req.id}", detail)
-        except IntegrityError as e:  # another request for the same key was committed between our check and insert
-            raise AccessError(f"{requester} already has an open request for {model_name} version {model_version}") from e
-        return req
+                detail = {"model": model, "version": version, "organisation_kind": organisation_kind}
+                self._audit(s, actor.name, "request.created", f"request:{req.id}", detail)
+        except _Refusal as r:
+            self._refuse(actor, "request.create", subject, r.error)
+        except IntegrityError:  # another request with the same key committed between our check and insert
+            self._refuse(actor, "request.create", subject, Conflict(f"you already have an open request for {model} version {version}"))
+        return self.get_request(actor, req.id)
 
-    def approve(self, request_id: int, reviewer: str, days: int | None = None, quota: int | None = None) -> Grant:
-        """Approve a pending request: a grant for `days` (default grant_days) and `quota` downloads (default download_quota)."""
-        reviewer = _text("reviewer", reviewer)
-        days = self.grant_days if days is None else _positive("days", days)
-        quota = self.download_quota if quota is None else _positive("quota", quota)
-        now = self._now()
-        with self._sessions.begin() as s:
-            req = self._review(s, request_id, reviewer, RequestStatus.APPROVED)
-            expires_at = now + timedelta(days=days)
-            grant = Grant(request=req, reviewer=reviewer, created_at=now, expires_at=expires_at, download_quota=quota, downloads_used=0)
-            s.add(grant)
-            s.flush()
-            detail = {"grant": grant.id, "expires_at": grant.expires_at.isoformat(), "quota": quota}
-            _audit(s, now, reviewer, "request.approved", f"request:{req.id}", detail)
-        return grant
-
-    def deny(self, request_id: int, reviewer: str, reason: str) -> AccessRequest:
-        """Deny a pending request; the reason is kept in the audit log. The requester may file a new request."""
-        reviewer = _text("reviewer", reviewer)
-        reason = _text("reason", reason, MAX_PURPOSE_CHARS)
-        now = self._now()
-        with self._sessions.begin() as s:
-            req = self._review(s, request_id, reviewer, RequestStatus.DENIED)
-            _audit(s, now, reviewer, "request.denied", f"request:{req.id}", {"reason": reason})
-        return req
-
-    def revoke(self, grant_id: int, actor: str, reason: str) -> Grant:
-        """Revoke a grant at once: links already issued for it are refused from now on."""
-        actor = _text("actor", actor)
-        reason = _text("reason", reason, MAX_PURPOSE_CHARS)
-        now = self._now()
-        with self._sessions.begin() as s:
-            grant = _get_grant(s, grant_id)
-            if grant.revoked_at is not None:
-                raise AccessError(f"grant {grant_id} was already revoked by {grant.revoked_by} at {grant.revoked_at:%Y-%m-%d %H:%M} UTC")
-            done = _rowcount(
-                s.execute(update(Grant).where(Grant.id == grant_id, Grant.revoked_at.is_(None)).values(revoked_at=now, revoked_by=actor))
-            )
-            if done != 1:
-                raise AccessError(f"grant {grant_id} was revoked concurrently; see `audit('grant:{grant_id}')`")
-            s.execute(update(AccessRequest).where(AccessRequest.id == grant.request_id).values(status=RequestStatus.REVOKED, open_key=None))
-            s.refresh(grant)
-            _audit(s, now, actor, "grant.revoked", f"grant:{grant_id}", {"reason": reason, "request": grant.request_id})
-        return grant
-
-    # --- links and downloads ------------------------------------------------------------------------
-
-    def issue_link(self, grant_id: int, requester: str) -> DownloadLink:
-        """A signed link for the grant's own requester while the grant is active; it expires after link_ttl_seconds
-        or with the grant, whichever is first. Refusals are audited and raise AccessDenied."""
-        requester = _text("requester", requester)
-        now = self._now()
-        link: DownloadLink | None = None
-        with self._sessions.begin() as s:
-            grant = _get_grant(s, grant_id)
-            reason = "not the grant's requester" if grant.request.requester != requester else grant.refusal_reason(now)
-            if reason is None:
-                expires_at = min(now + timedelta(seconds=self.link_ttl_seconds), grant.expires_at)
-                payload = links.new_payload(grant.id, grant.request.model_name, grant.request.model_version, expires_at)
-                token = links.sign(payload, self._secret)
-                link = DownloadLink(grant_id=grant.id, token=token, url=links.LINK_SCHEME + token, expires_at=payload.expires_at)
-                # the token is a bearer credential: the log keeps its nonce, never the token
-                detail = {"nonce": payload.nonce, "expires_at": link.expires_at.isoformat()}
-                _audit(s, now, requester, "link.issued", f"grant:{grant.id}", detail)
-            else:
-                _audit(s, now, requester, "link.refused", f"grant:{grant.id}", {"reason": reason})
-        if link is None:
-            raise AccessDenied(cast(str, reason), _hint(cast(str, reason), grant))
-        return link
-
-    def authorize_download(self, token: str, model_name: str, model_version: str) -> Grant:
-        """Check a link (a token or an `opt-download:` URL) for a download of `model_name` version `model_version`.
-
-        Returns the active grant, or raises AccessDenied with the reason: "signature invalid", "grant revoked",
-        "grant expired", "quota exhausted", "link expired", "link is for a different model version".
-        Either way a download event and an audit entry are recorded. Quota is not consumed here (see record_download).
-        """
-        now = self._now()
-        grant: Grant | None = None
-        with self._sessions.begin() as s:
-            try:
-                payload = links.verify_signature(token, self._secret)
-            except AccessDenied as e:
-                reason: str | None = e.reason
-                claimed = links.peek(token)  # untrusted: recorded in the detail only, never as the event's grant
-                detail: dict[str, Any] = {"reason": reason, "claimed_grant": claimed.grant if claimed else None}
-                s.add(DownloadEvent(grant_id=None, at=now, ok=False, detail=reason))
-                _audit(s, now, "unknown", "download.refused", "link", detail)
-            else:
-                grant = s.get(Grant, payload.grant)
-                if grant is None:
-                    reason = "grant not found"
-                else:
-                    reason = grant.refusal_reason(now)
-                    if reason is None and payload.expired(now):
-                        reason = links.LINK_EXPIRED
-                    scope = (grant.request.model_name, grant.request.model_version)
-                    if reason is None and ((model_name, model_version) != scope or (payload.model, payload.version) != scope):
-                        reason = "link is for a different model version"
-                detail = {"nonce": payload.nonce, "model": model_name, "version": model_version}
-                if reason is not None:
-                    detail["reason"] = reason
-                s.add(DownloadEvent(grant_id=grant.id if grant else None, at=now, ok=reason is None, detail=reason or "authorized"))
-                actor = grant.request.requester if grant else "unknown"
-                action = "download.authorized" if reason is None else "download.refused"
-                _audit(s, now, actor, action, f"grant:{payload.grant}", detail)
-        if reason is not None:
-            raise AccessDenied(reason, _hint(reason, grant, model_name, model_version))
-        return cast(Grant, grant)
-
-    def record_download(self, grant_id: int, files: int, size_bytes: int) -> Grant:
-        """Count one completed, verified download against the grant's quota, with what was copied.
-
-        Call it once per download after every file's sha256 matched the manifest. The increment is a single
-        SQL update, so concurrent downloads are never lost from the count.
-        """
-        files = _non_negative("files", files)
-        size_bytes = _non_negative("size_bytes", size_bytes)
-        now = self._now()
-        with self._sessions.begin() as s:
-            grant = _get_grant(s, grant_id)
-            s.execute(update(Grant).where(Grant.id == grant_id).values(downloads_used=Grant.downloads_used + 1))
-            s.refresh(grant)
-            s.add(DownloadEvent(grant_id=grant_id, at=now, ok=True, detail="completed", files=files, size_bytes=size_bytes))
-            detail = {"files": files, "bytes": size_bytes, "downloads_used": grant.downloads_used, "quota": grant.download_quota}
-            _audit(s, now, grant.request.requester, "download.completed", f"grant:{grant_id}", detail)
-        return grant
-
-    # --- reading ---------------------------------------------------------------------------------------
-
-    def get_request(self, request_id: int) -> AccessRequest:
-        """One request by id; AccessError if there is none."""
-        with self._sessions() as s:
-            return _get_request(s, request_id)
-
-    def get_grant(self, grant_id: int) -> Grant:
-        """One grant by id; AccessError if there is none."""
-        with self._sessions() as s:
-            return _get_grant(s, grant_id)
-
-    def grant_for_request(self, request_id: int) -> Grant | None:
-        """The grant made for a request, or None if it was never approved."""
-        with self._sessions() as s:
-            return s.scalars(select(Grant).where(Grant.request_id == request_id)).one_or_none()
-
-    def list_requests(self, status: str | None = None) -> list[AccessRequest]:
-        """Requests, oldest first, optionally only those with `status` (pending, approved, denied, revoked)."""
+    def list_requests(self, actor: Principal, status: str | None = None) -> list[AccessRequest]:
+        """Requests oldest first: a researcher's own; every request for reviewers and admins."""
         query = select(AccessRequest).order_by(AccessRequest.id)
         if status is not None:
             if status not in set(RequestStatus):
                 raise AccessError(f"unknown request status {status!r}; use one of {', '.join(RequestStatus)}")
             query = query.where(AccessRequest.status == status)
+        if not actor.is_reviewer:
+            query = query.where(AccessRequest.user_id == actor.user_id)
         with self._sessions() as s:
             return list(s.scalars(query))
 
-    def download_events(self, grant_id: int | None = None) -> list[DownloadEvent]:
-        """Download events, oldest first, optionally for one grant."""
-        query = select(DownloadEvent).order_by(DownloadEvent.id)
-        if grant_id is not None:
-            query = query.where(DownloadEvent.grant_id == grant_id)
+    def get_request(self, actor: Principal, request_id: int) -> AccessRequest:
+        with self._sessions() as s:
+            req = s.get(AccessRequest, request_id)
+        if req is None or not (actor.is_reviewer or req.user_id == actor.user_id):
+            self._refuse(actor, "request.read", f"request:{request_id}", NotFound(f"no request {request_id} visible to you"))
+        return req
+
+    def approve(self, actor: Principal, request_id: int, days: int | None = None, quota: int | None = None) -> Grant:
+        """Approve a pending request: a grant for `days` and `quota` whole downloads, within the server's limits."""
+        subject = f"request:{request_id}"
+        self._need_reviewer(actor, "request.approve", subject)
+        lim = self.limits
+        days = self._bounded(actor, "request.approve", subject, "days", days, lim.grant_days, lim.max_grant_days)
+        quota = self._bounded(actor, "request.approve", subject, "quota", quota, lim.download_quota, lim.max_download_quota)
+        now = self._now()
+        try:
+            with self._sessions.begin() as s:
+                req = self._pending(s, actor, request_id, RequestStatus.APPROVED)
+                grant = Grant(request_id=req.id, reviewer_id=actor.user_id, created_at=now, expires_at=now + timedelta(days=days),
+                              download_quota=quota, downloads_used=0)  # fmt: skip
+                s.add(grant)
+                s.flush()
+                self._audit(s, actor.name, "request.approved", subject, {"grant": grant.id, "days": days, "quota": quota})
+                grant_id = grant.id
+        except _Refusal as r:
+            self._refuse(actor, "request.approve", subject, r.error)
+        return self._grant(grant_id)
+
+    def deny(self, actor: Principal, request_id: int, reason: str) -> AccessRequest:
+        """Deny a pending request with a reason the requester sees; they may apply again."""
+        subject = f"request:{request_id}"
+        self._need_reviewer(actor, "request.deny", subject)
+        try:
+            reason = clean_text(reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
+        except AccessError as e:
+            self._refuse(actor, "request.deny", subject, e)
+        try:
+            with self._sessions.begin() as s:
+                self._pending(s, actor, request_id, RequestStatus.DENIED, reason)
+                self._audit(s, actor.name, "request.denied", subject, {"reason": reason})
+        except _Refusal as r:
+            self._refuse(actor, "request.deny", subject, r.error)
+        return self.get_request(actor, request_id)
+
+    # --- grants --------------------------------------------------------------------------------------
+
+    def list_grants(self, actor: Principal) -> list[Grant]:
+        query = select(Grant).join(Grant.request).order_by(Grant.id)
+        if not actor.is_reviewer:
+            query = query.where(AccessRequest.user_id == actor.user_id)
         with self._sessions() as s:
             return list(s.scalars(query))
 
-    def audit(self, subject: str | None = None) -> list[AuditEntry]:
-        """The audit log, oldest first, optionally for one subject (`request:<id>`, `grant:<id>`, `link`)."""
-        query = select(AuditEntry).order_by(AuditEntry.id)
-        if subject is not None:
-            query = query.where(AuditEntry.subject == subject)
-        with self._sessions() as s:
-            return list(s.scalars(query))
-
-    # --- internals ---------------------------------------------------------------------------------------
-
-    def _now(self) -> datetime:
-        now = self._clock()
-        if now.tzinfo is None:
-            raise ValueError(f"the access service clock returned a naive datetime {now!r}; it must be timezone-aware")
-        return now.astimezone(UTC)
-
-    def _review(self, s: Session, request_id: int, reviewer: str, decision: RequestStatus) -> AccessRequest:
-        req = _get_request(s, request_id)
-        if req.requester == reviewer:
-            raise AccessDenied("reviewer is the requester", f"another reviewer must decide request {request_id}")
-        if req.status != RequestStatus.PENDING:
-            raise AccessError(f"request {request_id} is {req.status}; only pending requests can be approved or denied")
-        # conditional update: of two reviewers deciding at once, exactly one wins
-        open_key = req.open_key if decision == RequestStatus.APPROVED else None
-        won = _rowcount(
-            s.execute(
-                update(AccessRequest)
-                .where(AccessRequest.id == request_id, AccessRequest.status == RequestStatus.PENDING)
-                .values(status=decision, open_key=open_key)
+    def revoke(self, actor: Principal, grant_id: int, reason: str) -> Grant:
+        """Revoke a grant at once: the next file of any download under it is refused."""
+        subject = f"grant:{grant_id}"
+        self._need_reviewer(actor, "grant.revoke", subject)
+        try:
+            reason = clean_text(reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
+        except AccessError as e:
+            self._refuse(actor, "grant.revoke", subject, e)
+        now = self._now()
+        with self._sessions.begin() as s:
+            done = _rowcount(
+                s.execute(
+                    update(Grant)
+                    .where(Grant.id == grant_id, Grant.revoked_at.is_(None))
+                    .values(revoked_at=now, revoked_by=actor.user_id, revoke_reason=reason)
+                )
             )
-        )
-        if won != 1:
-            raise AccessError(f"request {request_id} was reviewed concurrently by someone else; see `audit('request:{request_id}')`")
+            if done == 1:
+                grant = s.get(Grant, grant_id)
+                assert grant is not None
+                s.execute(
+                    update(AccessRequest).where(AccessRequest.id == grant.request_id).values(status=RequestStatus.REVOKED, open_key=None)
+                )
+                self._audit(s, actor.name, "grant.revoked", subject, {"reason": reason, "request": grant.request_id})
+        if done != 1:
+            exists = self._grant_or_none(grant_id) is not None
+            self._refuse(
+                actor,
+                "grant.revoke",
+                subject,
+                Conflict(f"grant {grant_id} is already revoked") if exists else NotFound(f"no grant {grant_id}"),
+            )
+        return self._grant(grant_id)
+
+    # --- downloads -----------------------------------------------------------------------------------
+
+    def start_download(self, actor: Principal, model: str, version: str) -> tuple[Download, Release]:
+        """Start (or resume) a whole download of a release under the caller's grant; starting takes one unit of quota."""
+        rel = self.release(actor, model, version)
+        subject = f"release:{rel.id}"
+        now = self._now()
+        with self._sessions.begin() as s:
+            grant = s.scalars(
+                select(Grant).join(Grant.request)
+                .where(AccessRequest.user_id == actor.user_id, AccessRequest.release_id == rel.id)
+                .order_by(Grant.id.desc())
+            ).first()  # fmt: skip
+            reason = "no grant" if grant is None else grant.refusal_reason(now)
+            if reason is None and grant is not None:
+                open_dl = s.scalars(
+                    select(Download).where(Download.grant_id == grant.id, Download.completed_at.is_(None), Download.expires_at > now)
+                ).first()
+                if open_dl is not None:
+                    self._audit(s, actor.name, "download.resumed", f"download:{open_dl.id}", {"grant": grant.id})
+                    return open_dl, rel
+                taken = _rowcount(
+                    s.execute(
+                        update(Grant)
+                        .where(
+                            Grant.id == grant.id,
+                            Grant.downloads_used < Grant.download_quota,
+                            Grant.revoked_at.is_(None),
+                            Grant.expires_at > now,
+                        )
+                        .values(downloads_used=Grant.downloads_used + 1)
+                    )
+                )  # one statement: of many parallel starts at quota - 1, exactly one gets the last unit
+                if taken == 1:
+                    dl = Download(grant_id=grant.id, started_at=now, expires_at=now + timedelta(hours=self.limits.download_hours))
+                    s.add(dl)
+                    s.flush()
+                    self._audit(
+                        s, actor.name, "download.started", f"download:{dl.id}", {"grant": grant.id, "model": model, "version": version}
+                    )
+                    return dl, rel
+                reason = "quota exhausted"
+        if reason in ("no grant", "grant revoked", "grant expired"):
+            pending = [r for r in self.list_requests(actor, RequestStatus.PENDING) if r.release_id == rel.id]
+            if pending:
+                reason = "request pending"
+        hints = {
+            "request pending": "a reviewer has not decided your request yet (`optctl access list` shows it)",
+            "no grant": f"you hold no approved grant for {model} version {version}; file a request (optctl access request)",
+            "quota exhausted": f"every download of grant {grant.id if grant else ''} is used; file a new request",
+            "grant revoked": "the grant was revoked; contact the reviewers",
+            "grant expired": "the grant expired; file a new request",
+        }
+        why = reason or "no grant"
+        self._refuse(actor, "download.start", subject, AccessDenied(why, hints.get(why, "")))
+
+    def file_link(self, actor: Principal, download_id: int, path: str) -> FileGrant:
+        """Where the caller may fetch one file of their open download: the grant is checked again, now."""
+        subject = f"download:{download_id}"
+        now = self._now()
+        with self._sessions() as s:
+            dl = s.get(Download, download_id)
+        if dl is None or dl.grant.request.user_id != actor.user_id:
+            self._refuse(actor, "file.get", subject, NotFound(f"no download {download_id} of yours"))
+        reason = dl.grant.refusal_reason(now)
+        if reason is None and dl.completed_at is not None:
+            reason = "download completed"
+        if reason is None and now >= dl.expires_at:
+            reason = "download expired"
+        if reason is not None:
+            self._refuse(actor, "file.get", subject, AccessDenied(reason, "start the download again (optctl access download)"))
+        rel = dl.grant.request.release
+        file = manifest_files(rel.manifest).get(path)
+        if file is None:
+            self._refuse(actor, "file.get", subject, NotFound(f"{path!r} is not a file of {rel.model_name} version {rel.model_version}"))
+        expires = now + timedelta(seconds=self.limits.link_ttl_seconds)
+        with self._sessions.begin() as s:
+            s.execute(update(Download).where(Download.id == download_id).values(files_served=Download.files_served + 1))
+            self._audit(s, actor.name, "file.linked", subject, {"path": path, "expires_at": expires.isoformat()})
+        if self.releases.is_s3:
+            return FileGrant(self.releases.presigned_url(rel.location, path, self.limits.link_ttl_seconds), None, file)
+        return FileGrant(None, links.sign(download_id, path, expires, self.keys.secret), file)
+
+    def open_file_link(self, token: str) -> tuple[Path, ReleaseFile]:
+        """The local file behind one of the service's file links, if the link is valid and its grant still holds."""
+        now = self._now()
+        try:
+            link = links.verify(token, self.keys.secret, now)
+        except AccessDenied as e:
+            self._refuse("anonymous", "file.serve", "link", e)
+        with self._sessions() as s:
+            dl = s.get(Download, link.download)
+        subject = f"download:{link.download}"
+        owner = dl.grant.request.user.name if dl else "anonymous"
+        reason = "download not found" if dl is None else dl.grant.refusal_reason(now) or ("download completed" if dl.completed_at else None)
+        if reason is not None or dl is None:
+            self._refuse(owner, "file.serve", subject, AccessDenied(reason or "download not found", "start the download again"))
+        rel = dl.grant.request.release
+        file = manifest_files(rel.manifest)[link.path]
+        local = self.releases.local_file(rel.location, link.path)
+        size = local.stat().st_size if local.is_file() else None
+        if size != file.size:  # replaced or removed since publication: the sha256 the client checks would fail too
+            self._refuse(owner, "file.serve", subject, AccessError(
+                f"{link.path} in the release store is not the file that was published ({size} bytes, signed {file.size}); "
+                "the release was altered: the operators must publish it again"))  # fmt: skip
+        with self._sessions.begin() as s:
+            self._audit(s, owner, "file.served", subject, {"path": link.path, "nonce": link.nonce})
+        return local, file
+
+    def complete_download(self, actor: Principal, download_id: int) -> Download:
+        """Close a download once every file verified; a new download after this takes quota again."""
+        subject = f"download:{download_id}"
+        with self._sessions.begin() as s:
+            dl = s.get(Download, download_id)
+            mine = dl is not None and dl.grant.request.user_id == actor.user_id
+            if mine and dl is not None and dl.completed_at is None:
+                s.execute(update(Download).where(Download.id == download_id).values(completed_at=self._now()))
+                self._audit(s, actor.name, "download.completed", subject, {"grant": dl.grant_id})
+        if not mine:
+            self._refuse(actor, "download.complete", subject, NotFound(f"no download {download_id} of yours"))
+        with self._sessions() as s:
+            out = s.get(Download, download_id)
+            assert out is not None
+            return out
+
+    # --- the audit trail -------------------------------------------------------------------------------
+
+    def audit(self, actor: Principal, who: str | None = None, action: str | None = None, subject: str | None = None) -> list[AuditEntry]:
+        """Audit entries oldest first: a researcher's own actions; everything for reviewers and admins."""
+        query = select(AuditEntry).order_by(AuditEntry.id)
+        if not actor.is_reviewer:
+            if who is not None and who != actor.name:
+                self._refuse(
+                    actor, "audit.read", f"user:{who}"[:64], AccessDenied("not a reviewer", "you can read your own audit entries only")
+                )
+            who = actor.name
+        for column, value in ((AuditEntry.actor, who), (AuditEntry.action, action), (AuditEntry.subject, subject)):
+            if value is not None:
+                query = query.where(column == value)
+        with self._sessions() as s:
+            return list(s.scalars(query))
+
+    def verify_audit(self, actor: Principal) -> ChainReport:
+        self._need_reviewer(actor, "audit.verify", "audit")
+        with self._sessions() as s:
+            report = audit.verify(s, self.keys.secret)
+        with self._sessions.begin() as s:
+            self._audit(s, actor.name, "audit.verified", "audit", {"ok": report.ok, "entries": report.entries, "problem": report.problem})
+        return report
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _grant_or_none(self, grant_id: int) -> Grant | None:
+        with self._sessions() as s:
+            return s.get(Grant, grant_id)
+
+    def _grant(self, grant_id: int) -> Grant:
+        grant = self._grant_or_none(grant_id)
+        assert grant is not None
+        return grant
+
+    def _pending(self, s: Session, actor: Principal, request_id: int, decision: RequestStatus, reason: str | None = None) -> AccessRequest:
+        """Decide a pending request inside the caller's transaction; _Refusal (which rolls it back) if it cannot be."""
+        req = s.get(AccessRequest, request_id)
+        if req is None:
+            raise _Refusal(NotFound(f"no request {request_id}"))
+        if req.user_id == actor.user_id:
+            raise _Refusal(AccessDenied("reviewer is the requester", "another reviewer must decide your own request"))
+        # conditional update: of two reviewers deciding at once, exactly one wins
+        values: dict[str, Any] = {"status": decision, "decided_at": self._now(), "decided_by": actor.user_id, "decision_reason": reason}
+        if decision != RequestStatus.APPROVED:
+            values["open_key"] = None
+        pending = (AccessRequest.id == request_id, AccessRequest.status == RequestStatus.PENDING)
+        if _rowcount(s.execute(update(AccessRequest).where(*pending).values(**values))) != 1:
+            raise _Refusal(Conflict(f"request {request_id} is {req.status}; only pending requests can be approved or denied"))
         s.refresh(req)
         return req
 
-    def _release_spent_request(self, s: Session, key: str, now: datetime) -> int | None:
-        """Raise if an open request blocks a new one; free the key of an approved request whose grant is used up or expired."""
+    def _release_spent_request(self, s: Session, key: str) -> None:
+        """_Refusal while an open request blocks a new one; free the key of an approved one whose grant is spent."""
         existing = s.scalars(select(AccessRequest).where(AccessRequest.open_key == key)).one_or_none()
         if existing is None:
-            return None
-        what = f"{existing.requester} already has request {existing.id} for {existing.model_name} version {existing.model_version}"
+            return
         if existing.status == RequestStatus.PENDING:
-            raise AccessError(f"{what} pending review; a duplicate request is not accepted")
+            raise _Refusal(Conflict(f"your request {existing.id} for this release is still pending review"))
         grant = s.scalars(select(Grant).where(Grant.request_id == existing.id)).one_or_none()
-        if grant is not None and grant.refusal_reason(now) is None:
-            raise AccessError(
-                f"{what} approved (grant {grant.id}, active until {grant.expires_at:%Y-%m-%d}); ask for a download link instead"
-            )
-        existing.open_key = None  # its grant expired or its quota is used up: a new request may be reviewed
+        if grant is not None and grant.refusal_reason(self._now()) is None and grant.downloads_left > 0:
+            raise _Refusal(Conflict(f"your grant {grant.id} for this release is in force until {grant.expires_at:%Y-%m-%d}"))
+        existing.open_key = None
         s.flush()
-        return existing.id
 
 
-def _audit(s: Session, at: datetime, actor: str, action: str, subject: str, detail: dict[str, Any]) -> None:
-    s.add(AuditEntry(at=at, actor=actor, action=action, subject=subject, detail=json.dumps(detail, sort_keys=True, default=str)))
+class _Refusal(Exception):
+    """Raised inside a transaction, so that it rolls back; the caller audits `error` after it, then raises it."""
+
+    def __init__(self, error: AccessError | AccessDenied) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
-def _get_request(s: Session, request_id: int) -> AccessRequest:
-    req = s.get(AccessRequest, request_id)
-    if req is None:
-        raise AccessError(f"no access request {request_id}")
-    return req
-
-
-def _get_grant(s: Session, grant_id: int) -> Grant:
-    grant = s.get(Grant, grant_id)
-    if grant is None:
-        raise AccessError(f"no grant {grant_id}")
-    return grant
-
-
-def _rowcount(result: Any) -> int:
-    return cast(CursorResult[Any], result).rowcount
-
-
-def _hint(reason: str, grant: Grant | None, model_name: str = "", model_version: str = "") -> str:
-    if reason == "link is for a different model version" and grant is not None:
-        return f"it covers {grant.request.model_name} version {grant.request.model_version}, not {model_name} version {model_version}"
-    if reason == "quota exhausted" and grant is not None:
-        return f"all {grant.download_quota} downloads of grant {grant.id} are used; file a new access request"
-    return {
-        "grant revoked": "the grant was revoked; contact the reviewers",
-        "grant expired": "file a new access request",
-        "link expired": "ask for a new link",
-        "grant not found": "the link names a grant this service does not know",
-        "not the grant's requester": "links are issued only to the researcher the grant was made for",
-    }.get(reason, "")
-
-
-def _text(field: str, value: str, max_len: int = NAME_LEN) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise AccessError(f"{field} is required")
-    value = value.strip()
-    if len(value) > max_len:
-        raise AccessError(f"{field} is {len(value)} characters; at most {max_len} are allowed")
-    return value
-
-
-def _positive(field: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise AccessError(f"{field} must be a whole number of at least 1, got {value!r}")
-    return value
-
-
-def _non_negative(field: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise AccessError(f"{field} must be a whole number of at least 0, got {value!r}")
-    return value
+def audit_detail(entry: AuditEntry) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(entry.detail)
+    return out

@@ -29,6 +29,8 @@ from opt.train.export import export_consolidated
 log = logging.getLogger(__name__)
 
 DOWNLOAD_MANIFEST = "download_manifest.json"
+# A gated version's artifacts in MLflow: the card, the eval report and the manifest (path, size, sha256), no weights
+REVIEW_FILES = ("README.md", "eval.json", DOWNLOAD_MANIFEST)
 CANDIDATE = "candidate"
 
 
@@ -57,7 +59,12 @@ def gate(report: EvalReport, cfg: RunConfig) -> tuple[bool, list[str]]:
 
 def _model_card(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, passed: bool, reasons: list[str], params: int) -> str:
     gated = cfg.access_class == "gated"
-    access_note = "Downloads need an approved access request (`optctl access request`)." if gated else "Open download."
+    access_note = (
+        "Gated: the weights are not in MLflow. Request access (`optctl access request`); once a reviewer approves, "
+        "`optctl access download` fetches them from the access service, signature and sha256 verified."
+        if gated
+        else "Open download."
+    )
     per_source = "\n".join(f"| {n} | {m['perplexity']:.2f} | {int(m['tokens'])} |" for n, m in report.per_source.items())
     return f"""# {cfg.model_name}
 
@@ -123,11 +130,21 @@ def register(
             passed_before = mv.tags.get("opt.gate") == "passed"
             reasons_before = json.loads(mv.tags.get("opt.gate_reasons", "[]"))
             access = mv.tags.get("opt.access_class", "open")
+            if access == "gated":  # a registration that stopped between the version and its release
+                export = work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}"
+                if not (export / DOWNLOAD_MANIFEST).exists():
+                    build_export(cfg, ckpt, manifest, report, passed, reasons, export)
+                publish_gated(cfg, str(mv.version), export)
             return Registration(name, str(mv.version), passed_before, reasons_before, access, aliases, reused=True)
 
     export_dir = build_export(cfg, ckpt, manifest, report, passed, reasons, work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}")
     artifact_path = f"registry/step-{ckpt.step}"
-    c.log_artifacts(mlflow_run_id, str(export_dir), artifact_path)
+    if cfg.access_class == "gated":
+        # what a reviewer reads, and no weights: those go to the release root, behind the access service
+        for name_ in REVIEW_FILES:
+            c.log_artifact(mlflow_run_id, str(export_dir / name_), artifact_path)
+    else:
+        c.log_artifacts(mlflow_run_id, str(export_dir), artifact_path)
     source = f"{c.get_run(mlflow_run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         c.get_registered_model(name)
@@ -146,11 +163,31 @@ def register(
         "opt.access_class": cfg.access_class,
     }
     mv = c.create_model_version(name, source=source, run_id=mlflow_run_id, tags=tags, description=(export_dir / "README.md").read_text())
+    if cfg.access_class == "gated":
+        publish_gated(cfg, str(mv.version), export_dir)
     aliases = []
     if passed:
         c.set_registered_model_alias(name, CANDIDATE, mv.version)
         aliases.append(CANDIDATE)
     return Registration(name, str(mv.version), passed, reasons, cfg.access_class, aliases)
+
+
+def publish_gated(cfg: RunConfig, version: str, export_dir: Path) -> None:
+    """Publish a gated version's files to the access service's release root, with its signed manifest.
+
+    This runs on the operators' side (it needs the access database and the signing key, as registration needs the
+    store and MLflow); researchers reach the files only through the service.
+    """
+    from opt.access.licence import licence_text
+    from opt.access.server import build_service
+
+    files = json.loads((export_dir / DOWNLOAD_MANIFEST).read_text())["files"]
+    service = build_service(cfg.access)
+    try:
+        service.publish_release(cfg.model_name, version, export_dir, [f["path"] for f in files], licence_text(cfg.access.licence_file))
+    finally:
+        service.close()
+    shutil.rmtree(export_dir)  # the staging copy: from now on the weights are in the release root only
 
 
 def version_info(tracking_uri: str, name: str, version: str) -> dict:
@@ -170,11 +207,26 @@ def version_info(tracking_uri: str, name: str, version: str) -> dict:
     }
 
 
+def newest_version(tracking_uri: str, name: str) -> str:
+    """The newest registered version of `name`; RegistryError when there is none."""
+    from opt.tracking import client
+
+    versions = client(tracking_uri).search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise RegistryError(f"no registered versions of {name}; run `optctl pipeline run` first")
+    return str(max(int(v.version) for v in versions))
+
+
 def fetch_version(tracking_uri: str, name: str, version: str, out_dir: Path) -> list[dict]:
-    """Copy a version's files to `out_dir` and check each against its download manifest (sha256)."""
+    """Copy an open version's files to `out_dir` and check each against its download manifest (sha256)."""
     import mlflow.artifacts
 
     info = version_info(tracking_uri, name, version)
+    if info["tags"].get("opt.access_class") == "gated":
+        raise RegistryError(
+            f"{name} v{version} is gated: its weights are not in MLflow; `optctl access download {name} {version}` "
+            "fetches them from the access service"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=str(out_dir), tracking_uri=tracking_uri))
     manifest = json.loads((local / DOWNLOAD_MANIFEST).read_text())

@@ -26,7 +26,9 @@ def overrides(root: Path, **extra: object) -> list[str]:
         "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
         "tracking.artifact_root": root / "mlartifacts",
         "tracking.experiment": "it",
-        "access.db_url": f"sqlite:///{root / 'access.db'}",
+        "access.home": root / "access",
+        "access.db_url": f"sqlite:///{root / 'access' / 'access.db'}",
+        "access.release_root": root / "access" / "releases",
         "data.sources": json.dumps([{"name": "python-docs", "kind": "pile", "uri": str(SAMPLE)}]),
         "train.run": "it",
         "train.max_steps": 10,
@@ -90,25 +92,72 @@ def test_registered_version_is_tagged_and_a_candidate(pipeline_run):
     assert client.get_metric_history(mv.run_id, "eval_perplexity")
 
 
-def test_exported_version_loads_in_transformers(pipeline_run, tmp_path):
+def test_mlflow_holds_no_gated_weights(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    from opt.registry.mlflow_registry import RegistryError, fetch_version
+
+    root, summary = pipeline_run
+    version = summary["registration"]["version"]
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.raises(RegistryError, match="is gated: its weights are not in MLflow"):
+        fetch_version(tracking, "opt-it", version, root / "fetched")
+    client = MlflowClient(tracking)
+    mv = client.get_model_version("opt-it", version)
+
+    def walk(path: str) -> list[str]:
+        out = []
+        for f in client.list_artifacts(mv.run_id, path):
+            out += walk(f.path) if f.is_dir else [f.path]
+        return out
+
+    step = summary["train"]["checkpoint"].rsplit("-", 1)[1]
+    assert sorted(p.rsplit("/", 1)[1] for p in walk(f"registry/step-{step}")) == ["README.md", "download_manifest.json", "eval.json"]
+    weights = [p for p in (root / "mlartifacts").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".distcp")]
+    assert weights == []  # a walk over MLflow's artifact store: no weight file of any version
+    manifest = json.loads(next((root / "mlartifacts").rglob("download_manifest.json")).read_text())
+    assert "hf/model.safetensors" in {f["path"] for f in manifest["files"]}  # what a reviewer reads: the list, with sha256
+    assert not (root / "home" / "exports" / "it" / f"step-{step}").exists()  # the staging copy went after publication
+    release = root / "access" / "releases" / "opt-it" / version
+    assert (release / "hf" / "model.safetensors").is_file() and oct((root / "access").stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.fixture(scope="module")
+def access_service(pipeline_run):
+    from opt.access.server import build_service, running
+
+    root, _ = pipeline_run
+    service = build_service(load_config(None, overrides(root)).access)
+    with running(service) as srv:
+        yield srv
+    service.close()
+
+
+def test_gated_version_downloads_through_the_service_and_loads_in_transformers(pipeline_run, access_service, tmp_path):
     import torch
     import transformers
 
+    from opt.access.client import AccessClient
     from opt.model.checkpoint import load_model
-    from opt.registry.mlflow_registry import fetch_version
 
     root, summary = pipeline_run
-    reg = summary["registration"]
-    files = fetch_version(f"sqlite:///{root / 'mlflow.db'}", "opt-it", reg["version"], tmp_path)
-    paths = {f["path"] for f in files}
-    assert {"consolidated/model.safetensors", "hf/model.safetensors", "hf/config.json", "README.md"} <= paths
-    local = next(tmp_path.rglob("download_manifest.json")).parent
-    hf = transformers.OPTForCausalLM.from_pretrained(local / "hf").eval()
-    ours = load_model(local / "consolidated")
+    version = summary["registration"]["version"]
+    svc = access_service.service
+    ann = AccessClient(access_service.url, svc.add_user("ann", "ann@uni.edu", "researcher")[1].token)
+    rev = AccessClient(access_service.url, svc.add_user("rev", "rev@lab.org", "reviewer")[1].token)
+    rel = ann.call("GET", f"/v1/releases/opt-it/{version}")
+    body = {"model": "opt-it", "version": version, "affiliation": "Uni", "organisation_kind": "academic",
+            "purpose": "Check the HF export of a small OPT", "accept_licence_sha256": rel["licence_sha256"]}  # fmt: skip
+    req = ann.call("POST", "/v1/requests", body)
+    rev.call("POST", f"/v1/requests/{req['id']}/approve", {"quota": 1})
+    files = ann.download("opt-it", version, tmp_path, progress=False)
+    assert {"consolidated/model.safetensors", "hf/model.safetensors", "hf/config.json", "README.md"} <= {f.path for f in files}
+    hf = transformers.OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(tmp_path / "consolidated")
     x = torch.randint(4, ours.cfg.vocab_size, (2, 32))
     with torch.no_grad():
         numerics.assert_within(numerics.roundoff_usage({"logits": hf(input_ids=x).logits}, {"logits": ours(x)}), "registered HF export")
-    tok = transformers.AutoTokenizer.from_pretrained(local / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.decode(tok("def main():").input_ids).endswith("def main():")
 
 
@@ -140,42 +189,55 @@ def test_failing_gate_registers_without_alias(pipeline_run):
     assert "> max 2" in reg.reasons[0]
 
 
-def test_gated_download_through_optctl(pipeline_run, tmp_path, capsys):
+def test_gated_download_through_optctl(pipeline_run, access_service, tmp_path, capsys, monkeypatch):
     from opt.cli import main
 
     root, summary = pipeline_run
     version = summary["registration"]["version"]
-    common = [f"--set={o}" for o in overrides(root)]
+    svc = access_service.service
+    tokens = {name: svc.add_user(name, f"{name}@lab.org", role)[1].token for name, role in (("carol", "researcher"), ("dave", "reviewer"))}
+    monkeypatch.setenv("OPT_ACCESS_URL", access_service.url)
 
-    def optctl(*args: str) -> tuple[int, str, str]:
-        code = main([*args, *common])
+    def optctl(who: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("OPT_ACCESS_TOKEN", tokens[who])
+        code = main(list(args))
         out, err = capsys.readouterr()
         return code, out, err
 
-    code, out, _ = optctl("access", "request", "--model", "opt-it", "--version", version, "--user", "carol", "--email",
-                          "carol@lab.org", "--affiliation", "Lab", "--purpose", "Study memorisation in small OPT models")  # fmt: skip
-    assert code == 0 and "request 1 filed" in out
-    # no grant yet: no link
-    code, _, err = optctl("access", "link", "1", "--user", "carol")
-    assert code == 2 and err.startswith("error: ")
-    code, _, err = optctl("access", "approve", "1", "--reviewer", "carol")
-    assert code == 2 and "requester" in err  # nobody reviews their own request
-    assert optctl("access", "approve", "1", "--reviewer", "dave")[0] == 0
-    code, out, _ = optctl("access", "link", "1", "--user", "carol")
-    token = out.splitlines()[0]
-    assert code == 0 and token.startswith("opt-download:")
-    code, out, _ = optctl("access", "download", token, "--model", "opt-it", "--version", version, "--out", str(tmp_path / "w"))
-    assert code == 0 and "sha256-verified" in out
+    code, out, _ = optctl("carol", "access", "licence", "opt-it", version)
+    assert code == 0 and "non-commercial research" in out
+    request = ("access", "request", "--model", "opt-it", "--version", version, "--affiliation", "Lab", "--organisation-kind",
+               "industry-research-lab", "--purpose", "Study memorisation in small OPT models")  # fmt: skip
+    code, _, err = optctl("carol", *request)
+    assert code == 2 and "--accept-licence" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = optctl("carol", *request, "--accept-licence")
+    assert code == 0 and "filed" in out
+    req_id = out.split()[1]
+    code, _, err = optctl("carol", "access", "download", "opt-it", version, "--out", str(tmp_path / "early"), "--no-progress")
+    assert code == 2 and "request pending" in err and not (tmp_path / "early" / "hf").exists()
+    code, _, err = optctl("carol", "access", "approve", req_id)
+    assert code == 2 and "not a reviewer" in err and len(err.strip().splitlines()) == 1
+    code, _, err = optctl("dave", "access", "approve", req_id, "--days", "1000000000")
+    assert code == 2 and "days" in err and "Traceback" not in err
+    code, out, _ = optctl("dave", "access", "approve", req_id, "--quota", "2")
+    assert code == 0 and "grant" in out
+    grant_id = out.split()[1]
+    code, out, _ = optctl("carol", "access", "download", "opt-it", version, "--out", str(tmp_path / "w"), "--no-progress")
+    assert code == 0 and "signature and sha256 verified" in out
     assert (tmp_path / "w" / "hf" / "model.safetensors").is_file()
-    # the link is scoped to its version
-    code, _, err = optctl("access", "download", token, "--model", "opt-it-strict", "--version", "1", "--out", str(tmp_path / "v"))
-    assert code == 2 and not (tmp_path / "v" / "hf").exists()
-    assert optctl("access", "revoke", "1", "--actor", "dave", "--reason", "licence breach")[0] == 0
-    code, _, err = optctl("access", "download", token, "--model", "opt-it", "--version", version, "--out", str(tmp_path / "z"))
+    assert optctl("dave", "access", "revoke", grant_id, "--reason", "licence breach")[0] == 0
+    code, _, err = optctl("carol", "access", "download", "opt-it", version, "--out", str(tmp_path / "z"), "--no-progress")
     assert code == 2 and "grant revoked" in err and not (tmp_path / "z" / "hf").exists()
-    code, out, _ = optctl("access", "audit")
-    for action in ("request.created", "request.approved", "link.issued", "download.completed", "grant.revoked", "download.refused"):
+    code, out, _ = optctl("dave", "access", "audit")
+    for action in ("request.created", "request.approve.refused", "request.approved", "download.started", "file.served", "grant.revoked"):
         assert action in out
+    code, out, _ = optctl("dave", "access", "audit", "verify")
+    assert code == 0 and "audit chain intact" in out
+    code, out, _ = optctl("carol", "access", "audit")
+    assert "dave" not in out  # a researcher reads their own entries only
+    monkeypatch.delenv("OPT_ACCESS_TOKEN")
+    code = main(["access", "list"])
+    assert code == 2 and "no token" in capsys.readouterr().err
 
 
 def test_resume_from_a_checkpoint_is_bitwise_exact(pipeline_run):

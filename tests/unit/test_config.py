@@ -173,7 +173,7 @@ def test_resolved_leaves_remote_and_absolute_uris_alone(tmp_path: Path) -> None:
     given = {
         "storage": {"root": "s3://bucket/opt"},
         "tracking": {"uri": "http://mlflow:5000", "artifact_root": "s3://bucket/mlflow"},
-        "access": {"db_url": "postgresql://user@db:5432/access"},
+        "access": {"db_url": "postgresql://user@db:5432/access", "home": "/var/lib/opt/access", "release_root": "s3://releases/opt"},
         "data": {"sources": [{"name": "a", "uri": "s3://bucket/pile.jsonl"}, {"name": "b", "uri": "https://host/b.jsonl"}]},
     }
     cfg = RunConfig.model_validate(given).resolved(tmp_path)
