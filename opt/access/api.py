@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
@@ -21,7 +22,9 @@ from opt.access.release import parse_range, read_range
 from opt.access.service import AccessService
 
 MAX_BODY_BYTES = 64 * 1024
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": S.Error} for code in (401, 403, 404, 409, 422, 429)}
+# ids are 32-bit in the database (PostgreSQL's integer): a larger one names nothing, and says so as a 422
+Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": S.Error} for code in (401, 403, 404, 409, 413, 422, 429)}
 
 
 class _RateLimited(Exception):
@@ -123,7 +126,7 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
         return S.NewTokenOut(id=t.id, token=t.token, expires_at=t.expires_at)
 
     @app.delete("/v1/tokens/{token_id}", response_model=S.TokenOut)
-    def revoke_token(token_id: int, who: Caller) -> S.TokenOut:
+    def revoke_token(token_id: Id, who: Caller) -> S.TokenOut:
         return S.TokenOut.of(svc.revoke_token(who, token_id))
 
     @app.get("/v1/releases/{model}/{version}", response_model=S.ReleaseOut)
@@ -142,15 +145,15 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
         return [S.RequestOut.of(r) for r in svc.list_requests(who, status)]
 
     @app.get("/v1/requests/{request_id}", response_model=S.RequestOut)
-    def get_request(request_id: int, who: Caller) -> S.RequestOut:
+    def get_request(request_id: Id, who: Caller) -> S.RequestOut:
         return S.RequestOut.of(svc.get_request(who, request_id))
 
     @app.post("/v1/requests/{request_id}/approve", response_model=S.GrantOut)
-    def approve(request_id: int, body: S.ApproveIn, who: Caller) -> S.GrantOut:
+    def approve(request_id: Id, body: S.ApproveIn, who: Caller) -> S.GrantOut:
         return S.GrantOut.of(svc.approve(who, request_id, body.days, body.quota))
 
     @app.post("/v1/requests/{request_id}/deny", response_model=S.RequestOut)
-    def deny(request_id: int, body: S.ReasonIn, who: Caller) -> S.RequestOut:
+    def deny(request_id: Id, body: S.ReasonIn, who: Caller) -> S.RequestOut:
         return S.RequestOut.of(svc.deny(who, request_id, body.reason))
 
     @app.get("/v1/grants", response_model=list[S.GrantOut])
@@ -158,7 +161,7 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
         return [S.GrantOut.of(g) for g in svc.list_grants(who)]
 
     @app.post("/v1/grants/{grant_id}/revoke", response_model=S.GrantOut)
-    def revoke(grant_id: int, body: S.ReasonIn, who: Caller) -> S.GrantOut:
+    def revoke(grant_id: Id, body: S.ReasonIn, who: Caller) -> S.GrantOut:
         return S.GrantOut.of(svc.revoke(who, grant_id, body.reason))
 
     @app.post("/v1/downloads", response_model=S.DownloadOut, status_code=201)
@@ -168,7 +171,7 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
 
     @app.get("/v1/downloads/{download_id}/files/{path:path}", status_code=303, response_class=RedirectResponse,
              responses={303: {"description": "to a presigned S3 URL or the service's own short-lived file link"}})  # fmt: skip
-    def download_file(download_id: int, path: str, request: Request, who: Caller) -> RedirectResponse:
+    def download_file(download_id: Id, path: str, request: Request, who: Caller) -> RedirectResponse:
         grant = svc.file_link(who, download_id, path)
         url = grant.url if grant.url is not None else str(request.url_for("file_link", token=grant.token))
         return RedirectResponse(url, status_code=303)
@@ -192,7 +195,7 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
         return StreamingResponse(body, status_code=206 if span else 200, headers=headers, media_type="application/octet-stream")
 
     @app.post("/v1/downloads/{download_id}/complete", response_model=S.DownloadOut)
-    def complete(download_id: int, who: Caller) -> S.DownloadOut:
+    def complete(download_id: Id, who: Caller) -> S.DownloadOut:
         dl = svc.complete_download(who, download_id)
         return S.DownloadOut.of(dl, dl.grant.request.release)
 
