@@ -247,6 +247,13 @@ class AccessConfig(Section):
     """Where gated versions' weight files are published: a local folder (0700) or an s3:// prefix only the service reads."""
     url: str = "http://127.0.0.1:8600"
     """The service as clients reach it (`$OPT_ACCESS_URL` and `--server` override it)."""
+    publish_via: Literal["local", "service"] = "local"
+    """How registration publishes a gated release: `local` in-process (it runs beside the access database and keys,
+    the embedded defaults), or `service`: staged under `staging_uri` and published by the running service, as an admin
+    whose token is in `$OPT_ACCESS_TOKEN` (production: the keys stay in the service's environment only)."""
+    staging_uri: str | None = None
+    """Where registration stages a gated version's files for the service to copy (a path or s3:// prefix both can
+    reach); the service publishes over HTTP from under it only. None: no publication over HTTP."""
     licence_file: str | None = None
     """The licence a gated release is published under (text); None: the bundled non-commercial research licence."""
     grant_days: int = Field(30, ge=1)
@@ -270,6 +277,8 @@ class AccessConfig(Section):
     def _bounds(self) -> AccessConfig:
         if self.grant_days > self.max_grant_days:
             raise ValueError(f"access.grant_days ({self.grant_days}) is over access.max_grant_days ({self.max_grant_days})")
+        if self.publish_via == "service" and not self.staging_uri:
+            raise ValueError("access.publish_via=service needs access.staging_uri (where the service copies the files from)")
         if self.download_quota > self.max_download_quota:
             raise ValueError(f"access.download_quota ({self.download_quota}) is over access.max_download_quota ({self.max_download_quota})")
         return self
@@ -312,6 +321,8 @@ class RunConfig(Section):
         data["access"]["db_url"] = sqlite(self.access.db_url)
         data["access"]["home"] = path(self.access.home)
         data["access"]["release_root"] = path(self.access.release_root)
+        if self.access.staging_uri:
+            data["access"]["staging_uri"] = path(self.access.staging_uri)
         if self.access.licence_file:
             data["access"]["licence_file"] = path(self.access.licence_file)
         for src in data["data"]["sources"]:

@@ -173,6 +173,11 @@ def put_file(local_path: str | Path, uri: str) -> ObjectInfo:
         return _local_atomic_write(Path(uri), lambda f, h: _copy_stream(src, f, h))
 
 
+def put_stream(src: Any, uri: str) -> ObjectInfo:
+    """Atomically write everything the readable binary stream `src` yields to `uri` (a local path), hashing it."""
+    return _local_atomic_write(Path(uri), lambda f, h: _copy_stream(src, f, h))
+
+
 def get_file(uri: str, local_path: str | Path) -> Path:
     """Copy `uri` to a local file (atomically) and return its path."""
     dst = Path(local_path)

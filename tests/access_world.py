@@ -101,7 +101,7 @@ def access_world(tmp_path_factory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("access")
     home = root / "home"
     cfg = AccessConfig(home=str(home), db_url=f"sqlite:///{home / 'access.db'}", release_root=str(home / "releases"),
-                       max_grant_days=90, max_download_quota=10)  # fmt: skip
+                       staging_uri=str(root / "staging"), max_grant_days=90, max_download_quota=10)  # fmt: skip
     service = build_service(cfg)
     # the whole suite calls from 127.0.0.1, many tests on purpose without valid credentials: the limit is tested alone
     with running(service, limiter=FailureLimiter(max_failures=10_000)) as srv:

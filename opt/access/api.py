@@ -129,6 +129,11 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
     def revoke_token(token_id: Id, who: Caller) -> S.TokenOut:
         return S.TokenOut.of(svc.revoke_token(who, token_id))
 
+    @app.post("/v1/releases", response_model=S.ReleaseOut, status_code=201)
+    def publish(body: S.ReleaseIn, who: Caller) -> S.ReleaseOut:
+        expected = {f.path: f.sha256 for f in body.files}
+        return S.ReleaseOut.of(svc.publish_as(who, body.model, body.version, body.source, list(expected), body.licence, expected))
+
     @app.get("/v1/releases/{model}/{version}", response_model=S.ReleaseOut)
     def release(model: str, version: str, who: Caller) -> S.ReleaseOut:
         return S.ReleaseOut.of(svc.release(who, model, version))

@@ -49,9 +49,12 @@ class Limits:
 
 class Core:
     def __init__(
-        self, db_url: str, keys: ServiceKeys, releases: ReleaseStore, limits: Limits | None = None, clock: Clock = utc_now
-    ) -> None:
+        self, db_url: str, keys: ServiceKeys, releases: ReleaseStore, limits: Limits | None = None, clock: Clock = utc_now,
+        staging_root: str | None = None,
+    ) -> None:  # fmt: skip
         self.limits = limits or Limits()
+        self.staging_root = staging_root
+        """Where publications over the API may be copied from (None: the API publishes nothing)."""
         self.keys = keys
         self.releases = releases
         self._clock = clock
@@ -90,7 +93,7 @@ class Core:
 
     def _need_admin(self, actor: Principal, action: str, subject: str) -> None:
         if not actor.is_admin:
-            self._refuse(actor, action, subject, AccessDenied("not an admin", "only admins manage accounts"))
+            self._refuse(actor, action, subject, AccessDenied("not an admin", "only admins manage accounts and publish releases"))
 
     def _bounded(self, actor: Principal, action: str, subject: str, field: str, value: int | None, default: int, most: int) -> int:
         if value is None:

@@ -9,13 +9,15 @@ manifest lists, so no path from a caller ever reaches the filesystem or S3.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from opt import storage
 from opt.access.errors import AccessError
@@ -72,22 +74,23 @@ class ReleaseStore:
     def location(self, model: str, version: str) -> str:
         return storage.join(self.root, model, version)
 
-    def publish(self, model: str, version: str, src_dir: Path, paths: list[str]) -> tuple[str, list[ReleaseFile]]:
-        """Copy `paths` (relative to `src_dir`) into the release's folder; returns its location and the files as copied."""
+    def publish(self, model: str, version: str, source: str, paths: list[str]) -> tuple[str, list[ReleaseFile]]:
+        """Copy `paths` from `source` (a local folder or an s3:// prefix) into the release's folder, hashing each file
+        as it streams through; returns the release's location and the files as they landed."""
         location = self.location(model, version)
         out: list[ReleaseFile] = []
         for rel in paths:
             rel = check_release_path(rel)
-            if self.is_s3:
-                bucket, key = _split(storage.join(location, rel))
-                info_size, digest = os.path.getsize(src_dir / rel), storage.sha256_file(src_dir / rel)
-                self._client().upload_file(str(src_dir / rel), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
-                out.append(ReleaseFile(rel, info_size, digest))
-            else:
-                dst = Path(location) / rel
-                private_dir(dst.parent)
-                info = storage.put_file(src_dir / rel, str(dst))  # hashed as it is copied: the digest is of what landed
-                out.append(ReleaseFile(rel, info.size, info.sha256))
+            with _open_source(storage.join(source, rel), self._client) as src:
+                reader = _HashingReader(src)
+                if self.is_s3:
+                    bucket, key = _split(storage.join(location, rel))
+                    self._client().upload_fileobj(reader, bucket, key)
+                else:
+                    dst = Path(location) / rel
+                    private_dir(dst.parent)
+                    storage.put_stream(reader, str(dst))
+            out.append(ReleaseFile(rel, reader.size, reader.hexdigest()))
         return location, out
 
     def local_file(self, location: str, path: str) -> Path:
@@ -100,6 +103,53 @@ class ReleaseStore:
 
     def _client(self) -> Any:
         return self._s3 if self._s3 is not None else storage.s3_client()
+
+
+class _HashingReader(io.RawIOBase):
+    """A readable stream that hashes and counts what passes through it."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._src.read(n)
+        self._h.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def readinto(self, b: Any) -> int:
+        chunk = self.read(len(b))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@contextlib.contextmanager
+def _open_source(uri: str, client: Any) -> Iterator[BinaryIO]:
+    try:
+        if storage.is_s3(uri):
+            bucket, key = _split(uri)
+            body = client().get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                yield body
+            finally:
+                body.close()
+        else:
+            with open(uri, "rb") as f:
+                yield f
+    except (OSError, storage.StorageError) as e:
+        raise AccessError(f"cannot read {uri} to publish it: {e}") from None
+    except Exception as e:  # botocore's ClientError and friends: one line, not a traceback
+        if type(e).__module__.startswith(("botocore", "boto3")):
+            raise AccessError(f"cannot read {uri} to publish it: {e}") from None
+        raise
 
 
 def _split(uri: str) -> tuple[str, str]:

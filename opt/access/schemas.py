@@ -41,6 +41,19 @@ class RequestIn(Body):
     accept_licence_sha256: str = Field(max_length=64, description="sha256 of the release's licence text, which the requester read")
 
 
+class StagedFile(Body):
+    path: str = Field(max_length=1000)
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+
+class ReleaseIn(Body):
+    model: str = Field(max_length=SHORT)
+    version: str = Field(max_length=64)
+    source: str = Field(max_length=2000, description="a folder or s3:// prefix under the service's staging root")
+    files: list[StagedFile] = Field(min_length=1, max_length=100_000)
+    licence: str = Field(max_length=100_000)
+
+
 class ApproveIn(Body):
     days: Count | None = None
     quota: Count | None = None

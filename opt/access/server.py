@@ -35,7 +35,8 @@ def build_service(cfg: AccessConfig, s3_client: Any = None) -> AccessService:
         max_download_quota=cfg.max_download_quota, link_ttl_seconds=cfg.link_ttl_seconds, token_days=cfg.token_days,
         download_hours=cfg.download_hours,
     )  # fmt: skip
-    return AccessService(cfg.db_url, load_keys(home, cfg.secret_env), ReleaseStore(cfg.release_root, s3_client), limits)
+    keys = load_keys(home, cfg.secret_env)
+    return AccessService(cfg.db_url, keys, ReleaseStore(cfg.release_root, s3_client), limits, staging_root=cfg.staging_uri)
 
 
 def create_server(service: AccessService, host: str, port: int, limiter: FailureLimiter | None = None) -> Any:

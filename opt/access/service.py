@@ -57,29 +57,66 @@ def open_key(user_id: int, release_id: int) -> str:
 class AccessService(Accounts):
     # --- releases ------------------------------------------------------------------------------------
 
-    def publish_release(self, model: str, version: str, src_dir: Path, paths: list[str], licence: str, by: str = "operator") -> Release:
-        """Copy a gated version's files into the release root and record its signed manifest (operators only: this
-        runs where the registry and the database are, never for a researcher). Publishing the same files again
-        returns the release as it is; other files for a published version are refused."""
-        model, version = clean_text(model, "model", MODEL_LEN), clean_text(version, "version", 64)
-        licence = clean_text(licence, "licence", 100_000, multiline=True)
+    def publish_release(
+        self, model: str, version: str, source: str | Path, paths: list[str], licence: str,
+        expected: dict[str, str] | None = None, by: str = "operator",
+    ) -> Release:  # fmt: skip
+        """Copy a gated version's files from `source` (a local folder or an s3:// prefix the service can read) into
+        the release root and record their manifest, signed. `expected` (path -> sha256, from the registry's download
+        manifest) must match what was copied. Publishing a published version again with the same files returns it
+        as it is; other files are refused, and a published release's files are never overwritten."""
+        try:
+            model, version = clean_text(model, "model", MODEL_LEN), clean_text(version, "version", 64)
+            licence = clean_text(licence, "licence", 100_000, multiline=True)
+        except AccessError as e:
+            self._refuse(by, "release.publish", "release", e)
+        subject = f"release:{model}:{version}"[:64]
         licence_sha = hashlib.sha256(licence.encode("utf-8")).hexdigest()
-        location, files = self.releases.publish(model, version, src_dir, paths)
-        text = manifest_text(model, version, files, licence_sha)
-        with self._sessions.begin() as s:
+        with self._sessions() as s:
             existing = s.scalars(select(Release).where(Release.model_name == model, Release.model_version == version)).one_or_none()
-            if existing is not None:
-                if existing.manifest != text:
-                    raise Conflict(f"{model} version {version} is already published with other files; register a new version instead")
+        if existing is not None:
+            have = {f.path: f.sha256 for f in manifest_files(existing.manifest).values()}
+            if sorted(have) == sorted(paths) and (expected is None or expected == have) and existing.licence_sha256 == licence_sha:
                 return existing
-            release = Release(
+            self._refuse(by, "release.publish", subject, Conflict(f"{model} version {version} is already published with other files; "
+                                                                  "register a new version instead"))  # fmt: skip
+        try:
+            location, files = self.releases.publish(model, version, str(source), paths)
+        except AccessError as e:
+            self._refuse(by, "release.publish", subject, e)
+        changed = [f.path for f in files if expected is not None and expected.get(f.path) != f.sha256]
+        if changed or (expected is not None and sorted(expected) != sorted(paths)):
+            self._refuse(by, "release.publish", subject, AccessError(
+                f"{', '.join(changed) or 'the file list'} differs from the registry's download manifest: the staged files changed "
+                "after registration; register again"))  # fmt: skip
+        text = manifest_text(model, version, files, licence_sha)
+        try:
+            with self._sessions.begin() as s:
+                release = Release(
                 model_name=model, model_version=version, location=location, manifest=text, signature=self.keys.sign(text.encode("utf-8")),
-                key_id=self.keys.key_id, licence=licence, licence_sha256=licence_sha, published_at=self._now(),
-            )  # fmt: skip
-            s.add(release)
-            s.flush()
-            self._audit(s, by, "release.published", f"release:{release.id}", {"model": model, "version": version, "files": len(files)})
+                    key_id=self.keys.key_id, licence=licence, licence_sha256=licence_sha, published_at=self._now(),
+                )  # fmt: skip
+                s.add(release)
+                s.flush()
+                detail = {"model": model, "version": version, "files": len(files)}
+                self._audit(s, by, "release.published", f"release:{release.id}", detail)
+        except IntegrityError:  # published at the same moment by another call: that one stands
+            self._refuse(by, "release.publish", subject, Conflict(f"{model} version {version} was published meanwhile"))
         return release
+
+    def publish_as(self, actor: Principal, model: str, version: str, source: str, paths: list[str], licence: str,
+                   expected: dict[str, str]) -> Release:  # fmt: skip
+        """Publish over the API: admins only (the registering operator's account), from under the staging root only,
+        so no caller can make the service read its own keys or any other file."""
+        subject = f"release:{model}:{version}"[:64]
+        self._need_admin(actor, "release.publish", subject)
+        if not self.staging_root:
+            self._refuse(
+                actor, "release.publish", subject, AccessError("this service takes no publications over HTTP: set access.staging_uri")
+            )
+        if not _under(source, self.staging_root):
+            self._refuse(actor, "release.publish", subject, AccessError(f"the source must lie under the staging root {self.staging_root}"))
+        return self.publish_release(model, version, source, paths, licence, expected, by=actor.name)
 
     def release(self, actor: Principal, model: str, version: str) -> Release:
         """A published release (its licence, manifest and signature); any signed-in account may read it."""
@@ -422,6 +459,14 @@ class _Refusal(Exception):
     def __init__(self, error: AccessError | AccessDenied) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _under(source: str, root: str) -> bool:
+    """True if `source` names `root` or a place below it (local paths resolved first, so '..' and links cannot escape)."""
+    if root.startswith("s3://") or source.startswith("s3://"):
+        return source.rstrip("/").startswith(root.rstrip("/") + "/") and ".." not in source.split("/")
+    base, path = Path(root).resolve(), Path(source).resolve()
+    return path == base or base in path.parents
 
 
 def audit_detail(entry: AuditEntry) -> dict[str, Any]:

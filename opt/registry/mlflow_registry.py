@@ -175,19 +175,49 @@ def register(
 def publish_gated(cfg: RunConfig, version: str, export_dir: Path) -> None:
     """Publish a gated version's files to the access service's release root, with its signed manifest.
 
-    This runs on the operators' side (it needs the access database and the signing key, as registration needs the
-    store and MLflow); researchers reach the files only through the service.
+    `access.publish_via=local` (the embedded defaults) publishes in-process: registration runs beside the access
+    database and keys. `service` stages the files under `access.staging_uri` and has the running service copy,
+    verify and sign them (as the admin whose token is in `$OPT_ACCESS_TOKEN`), so the keys never leave its host.
+    Either way the staging copy is deleted afterwards: the weights then live in the release root only.
     """
     from opt.access.licence import licence_text
-    from opt.access.server import build_service
 
     files = json.loads((export_dir / DOWNLOAD_MANIFEST).read_text())["files"]
-    service = build_service(cfg.access)
+    licence = licence_text(cfg.access.licence_file)
+    if cfg.access.publish_via == "service":
+        _publish_through_service(cfg, version, export_dir, files, licence)
+    else:
+        from opt.access.server import build_service
+
+        service = build_service(cfg.access)
+        try:
+            expected = {f["path"]: f["sha256"] for f in files}
+            service.publish_release(cfg.model_name, version, export_dir, list(expected), licence, expected)
+        finally:
+            service.close()
+    shutil.rmtree(export_dir)
+
+
+def _publish_through_service(cfg: RunConfig, version: str, export_dir: Path, files: list[dict], licence: str) -> None:
+    import os
+
+    from opt.access.client import AccessClient
+
+    token = os.environ.get("OPT_ACCESS_TOKEN")
+    if not token:
+        raise RegistryError("access.publish_via=service: set $OPT_ACCESS_TOKEN to an admin's token of the access service")
+    staged = storage.join(str(cfg.access.staging_uri), cfg.model_name, version)
+    for f in files:
+        storage.put_file(export_dir / f["path"], storage.join(staged, f["path"]))
+    client = AccessClient(os.environ.get("OPT_ACCESS_URL") or cfg.access.url, token)
     try:
-        service.publish_release(cfg.model_name, version, export_dir, [f["path"] for f in files], licence_text(cfg.access.licence_file))
+        body = {"model": cfg.model_name, "version": version, "source": staged, "licence": licence,
+                "files": [{"path": f["path"], "sha256": f["sha256"]} for f in files]}  # fmt: skip
+        client.call("POST", "/v1/releases", body)
     finally:
-        service.close()
-    shutil.rmtree(export_dir)  # the staging copy: from now on the weights are in the release root only
+        client.close()
+        for f in files:
+            storage.delete(storage.join(staged, f["path"]))
 
 
 def version_info(tracking_uri: str, name: str, version: str) -> dict:

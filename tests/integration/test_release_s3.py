@@ -24,11 +24,12 @@ FILES = {"hf/model.safetensors": secrets.token_bytes(2_500_000), "hf/config.json
 def s3_world(seaweed_s3, tmp_path_factory):
     client = seaweed_s3.client()
     client.create_bucket(Bucket="opt-releases")
+    client.create_bucket(Bucket="opt-staging")
     root = tmp_path_factory.mktemp("s3-access")
     home = root / "home"
-    cfg = AccessConfig(
-        home=str(home), db_url=f"sqlite:///{home / 'access.db'}", release_root="s3://opt-releases/gated", link_ttl_seconds=60
-    )
+    db = f"sqlite:///{home / 'access.db'}"
+    cfg = AccessConfig(home=str(home), db_url=db, release_root="s3://opt-releases/gated", staging_uri="s3://opt-staging/gated",
+                       link_ttl_seconds=60)  # fmt: skip
     service = build_service(cfg, s3_client=client)
     with running(service) as srv:
         yield World(srv, root)
@@ -83,3 +84,24 @@ def test_a_replaced_object_is_refused_as_tampered(s3_world: World, seaweed_s3, t
     assert not (tmp_path / "hf" / "model.safetensors").exists()
     rel = s3_world.service.release(Principal(0, "operator", Role.ADMIN), model, version)
     assert rel.location == f"s3://opt-releases/gated/{model}/{version}"
+
+
+def test_an_admin_publishes_from_s3_staging_through_the_service(s3_world: World, seaweed_s3, tmp_path: Path):
+    import hashlib
+
+    admin, alice, bob = s3_world.person("admin"), s3_world.person(), s3_world.person("reviewer")
+    client = seaweed_s3.client()
+    version = secrets.token_hex(3)
+    for rel, data in FILES.items():
+        client.put_object(Bucket="opt-staging", Key=f"gated/opt-s3/{version}/{rel}", Body=data)
+    files = [{"path": rel, "sha256": hashlib.sha256(data).hexdigest()} for rel, data in FILES.items()]
+    body = {"model": "opt-s3", "version": version, "source": f"s3://opt-staging/gated/opt-s3/{version}", "files": files, "licence": "x"}
+    assert admin.http.post("/v1/releases", json=dict(body, source="s3://opt-releases/gated")).status_code == 422  # not staging
+    r = admin.http.post("/v1/releases", json=body)
+    assert r.status_code == 201, r.text
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="opt-releases", Prefix=f"gated/opt-s3/{version}/")["Contents"]}
+    assert keys == {f"gated/opt-s3/{version}/{rel}" for rel in FILES}
+    req = s3_world.request(alice, "opt-s3", version)
+    bob.http.post(f"/v1/requests/{req['id']}/approve", json={})
+    alice.client.download("opt-s3", version, tmp_path, progress=False)
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == FILES["hf/model.safetensors"]
