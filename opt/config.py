@@ -242,7 +242,8 @@ class AccessConfig(Section):
     home: str = ".opt/access"
     """Where the embedded service keeps its keys (0700); the default database and release root live here too."""
     db_url: str = "sqlite:///.opt/access/access.db"
-    """SQLAlchemy URL of the access database (PostgreSQL in production); migrated by Alembic on start."""
+    """SQLAlchemy URL of the access database (PostgreSQL in production); migrated by Alembic on start.
+    `$OPT_ACCESS_DB_URL` overrides it, so a password stays out of files and command lines."""
     release_root: str = ".opt/access/releases"
     """Where gated versions' weight files are published: a local folder (0700) or an s3:// prefix only the service reads."""
     url: str = "http://127.0.0.1:8600"

@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from opt.access.server import serve
     from opt.config import load_config
 
-    serve(load_config(args.config, args.overrides).resolved(Path.cwd()).access, args.host, args.port)
+    serve(load_config(args.config, args.overrides).resolved(Path.cwd()).access, args.host, args.port, args.trusted_proxy)
 
 
 def cmd_user_add(args: argparse.Namespace) -> None:
@@ -220,6 +220,7 @@ def add_access_commands(sub: Any, config_args: Callable[..., None]) -> None:
     p = add("serve", cmd_serve, "run the access service (HTTP; OpenAPI at /openapi.json)", operator=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
+    p.add_argument("--trusted-proxy", help="address of the TLS proxy in front, whose X-Forwarded-For is believed")
     users = access.add_parser("user", help="accounts (operator, on the database's host)").add_subparsers(dest="user_cmd", required=True)
     p = add("add", cmd_user_add, "create an account and print its first token once", operator=True, parent=users)
     p.add_argument("name")

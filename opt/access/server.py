@@ -8,6 +8,7 @@ a free loopback port (the access demo in `make run`, and the tests), and stops i
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -23,6 +24,8 @@ from opt.access.keys import load_keys, private_dir
 from opt.access.release import ReleaseStore
 from opt.access.service import AccessService
 
+DB_URL_ENV = "OPT_ACCESS_DB_URL"
+
 if TYPE_CHECKING:  # opt.config pulls in torch through the model presets; the access service must not need it
     from opt.config import AccessConfig
 
@@ -36,24 +39,30 @@ def build_service(cfg: AccessConfig, s3_client: Any = None) -> AccessService:
         download_hours=cfg.download_hours,
     )  # fmt: skip
     keys = load_keys(home, cfg.secret_env)
-    return AccessService(cfg.db_url, keys, ReleaseStore(cfg.release_root, s3_client), limits, staging_root=cfg.staging_uri)
+    db_url = os.environ.get(DB_URL_ENV) or cfg.db_url  # the environment keeps a password out of files and `ps`
+    return AccessService(db_url, keys, ReleaseStore(cfg.release_root, s3_client), limits, staging_root=cfg.staging_uri)
 
 
-def create_server(service: AccessService, host: str, port: int, limiter: FailureLimiter | None = None) -> Any:
+def create_server(
+    service: AccessService, host: str, port: int, limiter: FailureLimiter | None = None, trusted_proxy: str | None = None
+) -> Any:
+    """A uvicorn server for the service. Behind a TLS proxy, `trusted_proxy` (its address) is the one whose
+    X-Forwarded-For is believed, so the failure limit counts the real client, not the proxy."""
     import uvicorn
 
     from opt.access.api import create_app
 
     # one process: the failure limiter and the SQLite writer queue are per process
     app = create_app(service, limiter=limiter)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, workers=1, proxy_headers=False)
+    proxy = {"proxy_headers": True, "forwarded_allow_ips": trusted_proxy} if trusted_proxy else {"proxy_headers": False}
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, workers=1, **proxy)
     return uvicorn.Server(config)
 
 
-def serve(cfg: AccessConfig, host: str, port: int) -> None:
+def serve(cfg: AccessConfig, host: str, port: int, trusted_proxy: str | None = None) -> None:
     """Run the service in the foreground until interrupted."""
     service = build_service(cfg)
-    server = create_server(service, host, port)
+    server = create_server(service, host, port, trusted_proxy=trusted_proxy)
     print(f"access service on http://{host}:{port} (OpenAPI at /openapi.json)")
     print(f"release signing key: ed25519 {service.keys.public_key} (key id {service.keys.key_id})", flush=True)
     try:
