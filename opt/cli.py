@@ -7,9 +7,18 @@ import json
 import logging
 import os
 import sys
+import typing
 from typing import Any
 
 from opt.errors import OptError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block is what --help is for); sub-commands inherit it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {self.prog}: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _config_args(p: argparse.ArgumentParser, run: bool = False, step: bool = False) -> None:
@@ -215,7 +224,7 @@ def cmd_logbook_note(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optctl", description="Prepare, train, evaluate, register and gate OPT models.")
+    parser = _Parser(prog="optctl", description="Prepare, train, evaluate, register and gate OPT models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -123,6 +123,73 @@ def test_mlflow_holds_no_gated_weights(pipeline_run):
 
 
 @pytest.fixture(scope="module")
+def mlflow_server(pipeline_run):
+    """The session's one `mlflow server`, over the pipeline's own tracking database and artifact store."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.conftest import _free_port
+
+    root, _ = pipeline_run
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--serve-artifacts", "--artifacts-destination", str(root / "mlartifacts")]  # fmt: skip
+    with open(root / "mlflow-server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its job runners too
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(root / 'mlflow-server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_mlflows_artifact_rest_api_serves_no_gated_weights(pipeline_run, mlflow_server):
+    import httpx
+
+    _, summary = pipeline_run
+    version = summary["registration"]["version"]
+    api = httpx.Client(base_url=f"{mlflow_server}/api/2.0", timeout=30)
+    mv = api.get("/mlflow/model-versions/get", params={"name": "opt-it", "version": version}).json()["model_version"]
+    assert mv["tags"] and {t["key"]: t["value"] for t in mv["tags"]}["opt.access_class"] == "gated"
+
+    def walk(path: str) -> list[str]:
+        r = api.get("/mlflow/artifacts/list", params={"run_id": mv["run_id"], "path": path})
+        assert r.status_code == 200, r.text
+        out = []
+        for f in r.json().get("files", []):
+            out += walk(f["path"]) if f["is_dir"] else [f["path"]]
+        return out
+
+    files = walk("")
+    assert any(f.endswith("download_manifest.json") for f in files) and any(f.endswith("README.md") for f in files)
+    assert not [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".distcp"))], files
+    listing = api.get("/mlflow-artifacts/artifacts", params={"path": ""})  # the proxied store, whole
+    assert listing.status_code == 200 and "safetensors" not in listing.text
+    # and no weights under the version's own source, through the artifact proxy's download route
+    step = summary["train"]["checkpoint"].rsplit("-", 1)[1]
+    weights = api.get("/mlflow/artifacts/list", params={"run_id": mv["run_id"], "path": f"registry/step-{step}/hf"})
+    assert weights.status_code == 200 and weights.json().get("files", []) == []
+
+
+@pytest.fixture(scope="module")
 def access_service(pipeline_run):
     from opt.access.server import build_service, running
 

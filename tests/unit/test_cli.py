@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from opt.cli import main
 from tests.conftest import REPO
 
@@ -48,7 +50,8 @@ def test_importing_the_library_and_cli_loads_no_heavy_library():
     code = (
         "import sys, opt, opt.config, opt.storage, opt.cli, opt.access, opt.stages, opt.data.prep; "
         "opt.cli.build_parser(); "
-        "heavy = [m for m in ('torch', 'ray', 'mlflow', 'prefect', 'boto3', 'transformers') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'ray', 'mlflow', 'prefect', 'boto3', 'transformers', 'fastapi', 'uvicorn', 'sqlalchemy', 'httpx', "
+        "'cryptography', 'alembic') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -69,3 +72,12 @@ def test_plan_bad_failure_rate_is_one_line_error(capsys):
     assert main(["plan", "--config", str(REPO / "configs" / "opt-125m.yaml"), "--failures-per-day", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "host_failures_per_day" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["access", "approve", "3", "--quota", "1e20"], ["access", "approve", "x"], ["bogus"]])
+def test_a_malformed_command_line_gets_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: optctl")
+    assert "--help" in err and "Traceback" not in err
