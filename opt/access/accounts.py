@@ -88,6 +88,11 @@ class Accounts(Core):
         with self._sessions.begin() as s:
             self._audit(s, "anonymous", "auth.refused", f"client:{client}"[:64], {"reason": reason})
 
+    def input_refused(self, actor: str, route: str, reason: str, client: str) -> None:
+        """Audit a request the HTTP layer refused before it reached a rule (malformed or oversized body, bad id)."""
+        with self._sessions.begin() as s:
+            self._audit(s, actor, "input.refused", route[:64], {"reason": reason[:500], "client": client})
+
     def issue_token(self, actor: Principal, label: str, days: int | None = None) -> NewToken:
         days = self._bounded(actor, "token.create", f"user:{actor.user_id}", "days", days, self.limits.token_days, self.limits.token_days)
         try:

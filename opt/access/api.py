@@ -68,7 +68,7 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
-                return await too_large(scope, receive, send)
+                return await self._refuse(scope, receive, send, too_large)
             return await self.app(scope, receive, send)
         messages, seen = [], 0
         while True:
@@ -76,7 +76,7 @@ class _BodyLimit:
             messages.append(message)
             seen += len(message.get("body", b""))
             if seen > MAX_BODY_BYTES:
-                return await too_large(scope, receive, send)
+                return await self._refuse(scope, receive, send, too_large)
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
 
@@ -84,6 +84,18 @@ class _BodyLimit:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Any, receive: Any, send: Any, response: JSONResponse) -> None:
+        request = Request(scope)
+        _audit_input(request, f"request body over {MAX_BODY_BYTES} bytes")
+        await response(scope, receive, send)
+
+
+def _audit_input(request: Request, reason: str) -> None:
+    """Record a refusal of the HTTP layer, naming the caller if its credentials are good."""
+    app = request.app
+    who = app.state.authenticator.authenticate(request.headers.get("authorization"))
+    app.state.service.input_refused(who.name if who else "anonymous", f"{request.method} {request.url.path}", reason, _client(request))
 
 
 def create_app(service: AccessService, authenticator: Authenticator | None = None, limiter: FailureLimiter | None = None) -> FastAPI:
@@ -242,4 +254,6 @@ def _errors(app: FastAPI) -> None:
     def _422(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return one_line(422, f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request")))
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
+        _audit_input(request, message)
+        return one_line(422, message)

@@ -330,6 +330,8 @@ def test_oversized_bodies_are_refused_before_they_are_read(world: World):
     r = alice.http.post("/v1/tokens", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert len(alice.http.get("/v1/tokens").json()) == 1
+    refused = [e for e in world.audit(actor=alice.name) if e["action"] == "input.refused"]
+    assert len(refused) == 2 and refused[0]["subject"] == "POST /v1/tokens" and "body over" in refused[0]["detail"]["reason"]
 
 
 @pytest.mark.parametrize(
@@ -342,6 +344,8 @@ def test_numbers_out_of_range_get_one_line(world: World, field: str, value: obje
     r = bob.http.post(f"/v1/requests/{req['id']}/approve", json={field: value})
     assert r.status_code == 422 and field in _detail(r)
     assert alice.http.get(f"/v1/requests/{req['id']}").json()["status"] == "pending"
+    refused = [e for e in world.audit(actor=bob.name) if e["action"] in ("input.refused", "request.approve.refused")]
+    assert len(refused) == 1 and field in json.dumps(refused[0]["detail"])
 
 
 def test_the_server_bounds_what_a_reviewer_may_grant(world: World):
