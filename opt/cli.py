@@ -87,6 +87,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     report = stages.evaluate(_load(args), args.step)
     print(f"step {report.step}: validation perplexity {report.perplexity:.2f} over {report.tokens} tokens -> {report.checkpoint}/eval.json")
+    _print_tasks(report.tasks)
+
+
+def _print_tasks(tasks: dict[str, dict[str, float]]) -> None:
+    for task, metrics in sorted(tasks.items()):
+        print(f"  {task:<24} " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from opt.eval.harness import harness_lm_class
+    from opt.eval.suite import run_tasks, summary, write_results
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise OptError("--tasks names no task; give lm-eval task names separated by commas (e.g. pydocs_choice,pydocs_cloze)")
+    try:
+        lm = harness_lm_class()(checkpoint=args.checkpoint, cache_dir=str(Path(os.environ.get("OPT_HOME", ".opt")) / "cache" / "eval"))
+    except ValueError as e:
+        raise OptError(str(e)) from None
+    results = run_tasks(lm, names, args.include_path, args.num_fewshot, args.limit)
+    print(f"lm-eval results in {write_results(results, args.out)}")
+    _print_tasks(summary(results))
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -241,9 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="start or resume a training run on Ray")
     _config_args(p, run=True)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="validation perplexity of a committed checkpoint")
+    p = sub.add_parser("eval", help="validation perplexity and the configured lm-eval tasks of a committed checkpoint")
     _config_args(p, run=True, step=True)
     p.set_defaults(func=cmd_eval)
+    evals = p.add_subparsers(dest="eval_cmd")
+    t = evals.add_parser("tasks", help="lm-eval tasks on a checkpoint (a committed one or a consolidated export)")
+    t.add_argument("--checkpoint", required=True, help="a committed step-N URI or a consolidated export folder")
+    t.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated (bundled: pydocs_cloze, pydocs_choice)")
+    t.add_argument("--include-path", help="a folder of extra task YAMLs")
+    t.add_argument("--num-fewshot", type=int)
+    t.add_argument("--limit", type=int, help="documents per task")
+    t.add_argument("--out", required=True, help="where to write lm-eval's results JSON")
+    t.set_defaults(func=cmd_eval_tasks)
     p = sub.add_parser("register", help="register an evaluated checkpoint in MLflow behind its gate")
     _config_args(p, run=True, step=True)
     p.set_defaults(func=cmd_register)

@@ -221,6 +221,28 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_batches: int | None = Field(None, ge=1)
     """Cap on validation batches per source; None evaluates the whole split."""
+    tasks: list[str] | None = None
+    """lm-eval tasks run beside perplexity. None: OPT's 16-task suite for presets 125m and up (their data comes from
+    the Hugging Face hub: network or a local datasets cache), the bundled offline tasks for `debug`; [] runs none."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples per task (None: each task's own default; OPT reported zero-shot)."""
+    limit: int | None = Field(None, ge=1)
+    """Documents per task (None: all); a cap for quick checks."""
+    include_path: str | None = None
+    """A folder of extra task YAMLs in lm-eval's format (the bundled tasks are always included)."""
+    batch_tokens: int = Field(8192, ge=1)
+    """Tokens per scoring batch (packed rows of shared contexts)."""
+
+    def task_names(self, preset: str) -> list[str]:
+        from opt.eval.tasks import BUNDLED  # no torch, no lm_eval: a list of names
+
+        if self.tasks is not None:
+            return list(self.tasks)
+        if preset == "debug":
+            return list(BUNDLED)
+        from opt.eval.suite import OPT_SUITE
+
+        return list(OPT_SUITE)
 
 
 class GateConfig(Section):

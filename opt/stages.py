@@ -84,13 +84,15 @@ def checkpoint(cfg: RunConfig, step: int | None = None) -> CommittedCheckpoint:
 
 
 def evaluate(cfg: RunConfig, step: int | None = None, manifest: DatasetManifest | None = None) -> EvalReport:
+    from opt.eval.perplexity import TaskRun, log_to_mlflow
     from opt.eval.perplexity import evaluate as run_eval
-    from opt.eval.perplexity import log_to_mlflow
 
     record = _run_record(cfg)
     ckpt = checkpoint(cfg, step)
     manifest = manifest or load_manifest(storage.join(cfg.storage.root, "datasets", record["dataset_id"]))
-    report = run_eval(ckpt, manifest, work_dir(cfg) / "cache", cfg.eval.batch_size, cfg.eval.max_batches)
+    e = cfg.eval
+    tasks = TaskRun(e.task_names(cfg.model.preset), e.include_path, e.num_fewshot, e.limit, e.batch_tokens)
+    report = run_eval(ckpt, manifest, work_dir(cfg) / "cache", e.batch_size, e.max_batches, tasks)
     log_to_mlflow(report, cfg.tracking.uri, record["mlflow_run_id"])
     return report
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from opt import storage
 from opt.data.loader import eval_batches, open_tokens
 from opt.data.manifest import DatasetManifest
-from opt.eval.report import EVAL_FILE, EvalReport
+from opt.eval.report import EVAL_FILE, TASKS_FILE, EvalReport
 from opt.model import OPT
 from opt.train.checkpoint import CommittedCheckpoint
 from opt.train.export import load_checkpoint_model
@@ -34,9 +36,11 @@ def split_loss(model: OPT, tokens, seq_len: int, batch_size: int, max_batches: i
 
 
 def evaluate(
-    ckpt: CommittedCheckpoint, manifest: DatasetManifest, cache_dir: str | Path, batch_size: int = 8, max_batches: int | None = None
-) -> EvalReport:
-    """Perplexity of the checkpoint on every source's held-out split; writes `eval.json` beside it."""
+    ckpt: CommittedCheckpoint, manifest: DatasetManifest, cache_dir: str | Path, batch_size: int = 8, max_batches: int | None = None,
+    tasks: TaskRun | None = None,
+) -> EvalReport:  # fmt: skip
+    """Perplexity of the checkpoint on every source's held-out split, and the lm-eval `tasks`; writes `eval.json`
+    (and lm-eval's results JSON, `lm_eval.json`) beside it."""
     model = load_checkpoint_model(ckpt, cache_dir)
     per_source: dict[str, dict[str, float]] = {}
     total, count = 0.0, 0
@@ -50,8 +54,31 @@ def evaluate(
     if count == 0:
         raise ValueError(f"dataset {manifest.dataset_id} has no validation tokens to evaluate on")
     report = EvalReport(ckpt.uri, ckpt.step, manifest.dataset_id, total / count, math.exp(total / count), count, per_source)
+    if tasks is not None and tasks.names:
+        from tokenizers import Tokenizer
+
+        from opt.data.tokenizer import TOKENIZER_FILE
+        from opt.eval.harness import harness_lm_class
+        from opt.eval.suite import run_tasks, summary
+
+        tok = Tokenizer.from_file(str(storage.local_path(manifest.file_uri(f"tokenizer/{TOKENIZER_FILE}"), cache_dir)))
+        lm = harness_lm_class()(model=model, tokenizer=tok, batch_tokens=tasks.batch_tokens)
+        results = run_tasks(lm, tasks.names, tasks.include_path, tasks.num_fewshot, tasks.limit)
+        storage.write_text(storage.join(ckpt.uri, TASKS_FILE), json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+        report.tasks = summary(results)
     storage.write_text(storage.join(ckpt.uri, EVAL_FILE), report.to_json())
     return report
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """Which lm-eval tasks to run, and how (from the config's `eval` section)."""
+
+    names: list[str]
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    batch_tokens: int = 8192
 
 
 def log_to_mlflow(report: EvalReport, tracking_uri: str, run_id: str) -> None:

@@ -7,12 +7,16 @@ token embedding, so it is dropped on import (after checking the tie) and omitted
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import torch
 
 from opt.model.checkpoint import CheckpointFormatError, load_consolidated, save_consolidated
 from opt.model.config import OPTConfig
+
+log = logging.getLogger(__name__)
 
 HF_PREFIXES = ("model.decoder.", "decoder.")
 
@@ -111,7 +115,26 @@ def import_hf(src_dir: str | Path, dst_dir: str | Path) -> Path:
         state[key[len(prefix) :]] = tensor
     if lm_head is not None and not torch.equal(lm_head, state["embed_tokens.weight"]):
         raise CheckpointFormatError(f"{src}: lm_head.weight is not tied to embed_tokens; untied OPT is unsupported")
-    return save_consolidated(cfg, state, dst_dir)
+    out = save_consolidated(cfg, state, dst_dir)
+    _keep_tokenizer(src, Path(out))
+    return out
+
+
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def _keep_tokenizer(src: Path, dst: Path) -> None:
+    """The source's tokenizer beside the imported weights, as one `tokenizer.json` (so the model can be evaluated
+    like one of ours); a save_pretrained folder with only vocab.json + merges.txt is converted by transformers."""
+    if (src / TOKENIZER_JSON).is_file():
+        shutil.copyfile(src / TOKENIZER_JSON, dst / TOKENIZER_JSON)
+        return
+    if not ((src / "vocab.json").is_file() and (src / "merges.txt").is_file()):
+        log.warning("%s has no tokenizer (tokenizer.json, or vocab.json + merges.txt): the import has weights only", src)
+        return
+    import transformers
+
+    transformers.AutoTokenizer.from_pretrained(str(src), use_fast=True).backend_tokenizer.save(str(dst / TOKENIZER_JSON))
 
 
 def export_hf(src_dir: str | Path, dst_dir: str | Path, tokenizer_file: str | Path | None = None) -> Path:
@@ -120,6 +143,8 @@ def export_hf(src_dir: str | Path, dst_dir: str | Path, tokenizer_file: str | Pa
     from safetensors.torch import save_file
 
     cfg, state = load_consolidated(src_dir)
+    if tokenizer_file is None and (Path(src_dir) / TOKENIZER_JSON).is_file():
+        tokenizer_file = Path(src_dir) / TOKENIZER_JSON  # an imported model keeps its tokenizer
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     hf_cfg = transformers.OPTConfig(**hf_config_kwargs(cfg))

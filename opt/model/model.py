@@ -78,12 +78,14 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention; `attn_mask` (B, 1, T, T) bool, True = may attend, replaces the causal mask."""
         B, T, _ = x.shape
         # (B, T, C) -> (B, H, T, C/H)
         q, k, v = (proj(x).view(B, T, self.n_head, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         # SDPA scales by 1/sqrt(head_dim), as OPT does before the q.k product.
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None)
         # -1, not C: under tensor parallelism this rank holds n_head / tp heads
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -103,12 +105,12 @@ class DecoderLayer(nn.Module):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(self.activation_dropout(F.relu(self.fc1(x)))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_ln:
-            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x)))
+            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), attn_mask))
             return x + self._ffn(self.final_layer_norm(x))
         # post-LN (OPT-350M): normalise after each residual add
-        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x)))
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, attn_mask)))
         return self.final_layer_norm(x + self._ffn(x))
 
 
@@ -159,18 +161,31 @@ class OPT(nn.Module):
         total = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction="sum")
         return total / (targets != -100).sum().clamp(min=1)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """The last hidden states (B, T, E), before the tied output projection."""
+    def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden states (B, T, E), before the tied output projection.
+
+        By default token t sits at position t and sees tokens 0..t. Evaluation packs several sequences that share a
+        prefix into one row: `positions` (B, T) gives each token its own position, and `attn_mask` (B, 1, T, T) bool
+        says what each token may see (True = attend), e.g. the shared context and its own continuation only.
+        """
         B, T = idx.shape
-        if self.cfg.max_seq_len < T:
+        if self.cfg.max_seq_len < T and positions is None:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed_tokens(idx)  # (B, T, E)
         if self.project_in is not None:
             x = self.project_in(x)
-        pos = torch.arange(POSITION_OFFSET, T + POSITION_OFFSET, device=idx.device)
+        if positions is None:
+            pos = torch.arange(POSITION_OFFSET, T + POSITION_OFFSET, device=idx.device)
+        else:
+            if int(positions.max()) >= self.cfg.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
+            pos = positions + POSITION_OFFSET
         x = x + self.embed_positions(pos)  # (B, T, C)
         for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False) if self.cfg.activation_checkpointing and self.training else layer(x)
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

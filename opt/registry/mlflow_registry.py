@@ -79,6 +79,7 @@ Validation perplexity {report.perplexity:.2f} over {report.tokens:,} tokens.
 |---|---|---|
 {per_source}
 
+{_tasks_table(report.tasks)}
 ## Gate
 {"PASSED" if passed else "FAILED"}: {"; ".join(reasons)}
 
@@ -88,6 +89,20 @@ Access class: `{cfg.access_class}`. {access_note}
 ## Files
 `consolidated/` (our format: `config.json`, `model.safetensors`), `hf/` (loads with
 `transformers.OPTForCausalLM.from_pretrained`), and `{DOWNLOAD_MANIFEST}` (size and sha256 of every file).
+"""
+
+
+def _tasks_table(tasks: dict[str, dict[str, float]]) -> str:
+    """The lm-eval scores as a Markdown table (acc_norm is lm-eval's, per character; acc_norm_tokens is OPT's)."""
+    if not tasks:
+        return ""
+    metrics = sorted({m for scores in tasks.values() for m in scores})
+    rows = "\n".join(f"| {t} | " + " | ".join(f"{tasks[t][m]:.4g}" if m in tasks[t] else "" for m in metrics) + " |" for t in sorted(tasks))
+    return f"""
+## Tasks (lm-evaluation-harness)
+| task | {" | ".join(metrics)} |
+|---|{"---|" * len(metrics)}
+{rows}
 """
 
 

@@ -38,6 +38,7 @@ def overrides(root: Path, **extra: object) -> list[str]:
         "registry.access_class": "gated",
         "registry.gate.max_perplexity": 2000,
         "eval.max_batches": 20,
+        "eval.limit": 20,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,108 @@
+"""CPU: scoring lm-eval requests with our adapter against lm-eval's own `hf` model, same model, same requests.
+
+One random-weight OPT (preset `--preset`, fp32) is exported as a Hugging Face folder with a tokenizer; both sides
+score the same loglikelihood requests of the bundled tasks (`pydocs_choice`: 4 endings per shared context, and
+`pydocs_cloze`), in the same process, with the same torch threads, in alternating rounds:
+
+- ours: `OPTHarnessLM` on the consolidated weights (shared contexts packed into one row, rows packed to a token
+  budget of `--batch-tokens`);
+- peer: `lm_eval.models.huggingface.HFLM(pretrained=<the export>, dtype=float32, batch_size=--peer-batch)`, which
+  runs every (context, continuation) on its own, padded to the longest in its batch.
+
+The work is the same: the figure is request tokens per second, sum over requests of len(context + continuation)
+- 1 (what one request costs run alone), divided by wall time; the log-likelihoods of the two must agree (printed).
+Each figure is the median over `--rounds` rounds. Prints a table, then, as its last line, one JSON object.
+
+    python bench/eval_throughput.py                    # preset 125m shape, 2 threads
+    python bench/eval_throughput.py --quick            # tiny, a few seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from opt.eval.harness import harness_lm_class  # noqa: E402
+from opt.eval.tasks import TASKS_DIR  # noqa: E402
+from opt.model import OPT, OPTConfig  # noqa: E402
+
+BENCH = "eval_throughput"
+
+
+def requests(n_choice: int, n_cloze: int) -> list:
+    from lm_eval.api.instance import Instance
+
+    choice = [json.loads(line) for line in (TASKS_DIR / "pydocs_choice.jsonl").read_text().splitlines()][:n_choice]
+    cloze = [json.loads(line) for line in (TASKS_DIR / "pydocs_cloze.jsonl").read_text().splitlines()][:n_cloze]
+    args = [(d["context"], e) for d in choice for e in d["endings"]] + [(d["context"], d["target"]) for d in cloze]
+    return [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="125m")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--choice", type=int, default=100, help="pydocs_choice questions (4 requests each)")
+    p.add_argument("--cloze", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--peer-batch", type=int, default=16)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.choice, args.cloze, args.rounds = "debug", 8, 8, 1
+    torch.set_num_threads(args.threads)
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer
+
+    from opt.data.tokenizer import train_tokenizer
+    from opt.model.checkpoint import save_consolidated
+    from opt.model.hf import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = [json.loads(line)["context"] for line in (TASKS_DIR / "pydocs_choice.jsonl").read_text().splitlines()]
+        tok = train_tokenizer(texts * 3, vocab_size=4096)
+        tok.save(f"{tmp}/tokenizer.json")
+        cfg = OPTConfig.preset(args.preset, vocab_size=4096, max_seq_len=512)
+        torch.manual_seed(0)
+        model = OPT(cfg).eval()
+        hf_dir = export_hf(
+            save_consolidated(cfg, model.state_dict(), Path(tmp) / "c"), Path(tmp) / "hf", tokenizer_file=f"{tmp}/tokenizer.json"
+        )
+        ours = harness_lm_class()(model=model, tokenizer=Tokenizer.from_file(f"{tmp}/tokenizer.json"), batch_tokens=args.batch_tokens)
+        peer = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=args.peer_batch)
+        reqs = requests(args.choice, args.cloze)
+        work = sum(len(ours._encode_pair(*r.args)[0]) + len(ours._encode_pair(*r.args)[1]) - 1 for r in reqs)
+        times: dict[str, list[float]] = {"ours": [], "peer": []}
+        results: dict[str, list] = {}
+        for rnd in range(args.rounds):
+            for name in ("ours", "peer") if rnd % 2 == 0 else ("peer", "ours"):
+                lm = ours if name == "ours" else peer
+                t = time.perf_counter()
+                results[name] = lm.loglikelihood(reqs, disable_tqdm=True)
+                times[name].append(time.perf_counter() - t)
+    diff = max(abs(a - b) for (a, _), (b, _) in zip(results["ours"], results["peer"], strict=True))
+    out = {
+        "bench": BENCH, "preset": args.preset, "threads": args.threads, "requests": len(reqs), "request_tokens": work,
+        "ours_tokens_per_s": work / statistics.median(times["ours"]), "peer_tokens_per_s": work / statistics.median(times["peer"]),
+        "max_abs_loglik_diff": diff, "greedy_equal": [g for _, g in results["ours"]] == [g for _, g in results["peer"]],
+        "batch_tokens": args.batch_tokens, "peer_batch": args.peer_batch, "rounds": args.rounds,
+    }  # fmt: skip
+    out["ratio"] = out["ours_tokens_per_s"] / out["peer_tokens_per_s"]
+    print(f"{'':<6}{'tokens/s':>12}  (preset {args.preset}, {len(reqs)} requests, {work:,} request tokens, {args.threads} threads)")
+    print(f"{'ours':<6}{out['ours_tokens_per_s']:>12,.0f}\n{'peer':<6}{out['peer_tokens_per_s']:>12,.0f}")
+    print(f"ratio {out['ratio']:.2f}x; max |log-likelihood diff| {diff:.2e}; greedy flags equal: {out['greedy_equal']}")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
