@@ -95,6 +95,21 @@ def _print_tasks(tasks: dict[str, dict[str, float]]) -> None:
         print(f"  {task:<24} " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
 
 
+def cmd_eval_pending(args: argparse.Namespace) -> None:
+    import time
+
+    from opt import stages
+
+    cfg = _load(args)
+    while True:
+        for report in stages.evaluate_pending(cfg, args.every):
+            print(f"step {report.step}: validation perplexity {report.perplexity:.2f} -> {report.checkpoint}/eval.json", flush=True)
+            _print_tasks(report.tasks)
+        if args.watch is None:
+            return
+        time.sleep(args.watch)
+
+
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -233,6 +248,38 @@ def cmd_logbook_show(args: argparse.Namespace) -> None:
     print(render_markdown(args.run_name, events))
 
 
+def cmd_registry_promote(args: argparse.Namespace) -> None:
+    import getpass
+
+    from opt.registry.promote import promote
+
+    cfg = _load(args)
+    entry = promote(cfg.tracking.uri, args.name, args.version, args.alias, args.reason, args.override, args.by or getpass.getuser(),
+                    cfg.access)  # fmt: skip
+    was = f" (was v{entry['previous']})" if entry["previous"] else ""
+    forced = f"; gates overridden: {entry['override']}" if entry["override"] else ""
+    print(f"{args.name} v{args.version} is now {args.alias}{was}, by {entry['by']} at {entry['at']}{forced}")
+
+
+def cmd_registry_compare(args: argparse.Namespace) -> None:
+    from opt.access.names import terminal_safe
+    from opt.registry.promote import compare
+
+    rows = compare(_load(args).tracking.uri, args.name, args.a, args.b)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':<{width}}  {'v' + args.a:<14} v{args.b}")
+    for key, a, b in rows:
+        print(f"{terminal_safe(key):<{width}}  {terminal_safe(a):<14} {terminal_safe(b)}")
+
+
+def cmd_registry_history(args: argparse.Namespace) -> None:
+    from opt.registry.promote import history_of
+
+    for e in history_of(_load(args).tracking.uri, args.name, args.alias):
+        forced = f" OVERRIDE: {e['override']}" if e.get("override") else ""
+        print(f"{e['at']}  v{e['version']:<5} by {e['by']:<16} {e['reason']}{forced}")
+
+
 def cmd_logbook_note(args: argparse.Namespace) -> None:
     from opt import storage
     from opt.logbook import Logbook
@@ -277,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, help="documents per task")
     t.add_argument("--out", required=True, help="where to write lm-eval's results JSON")
     t.set_defaults(func=cmd_eval_tasks)
+    t = evals.add_parser("pending", help="evaluate committed checkpoints without eval.json (beside training, never inside it)")
+    _config_args(t, run=True)
+    t.add_argument("--every", type=int, default=1, help="every N-th committed checkpoint (the newest always)")
+    t.add_argument("--watch", type=float, metavar="SECONDS", help="keep looking every SECONDS (Ctrl-C stops)")
+    t.set_defaults(func=cmd_eval_pending)
     p = sub.add_parser("register", help="register an evaluated checkpoint in MLflow behind its gate")
     _config_args(p, run=True, step=True)
     p.set_defaults(func=cmd_register)
@@ -323,6 +375,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s per GPU (default 312, A100 bf16)")
     p.add_argument("--trials", type=int, help="Monte Carlo trials (default 1000)")
     p.set_defaults(func=cmd_plan)
+
+    reg = sub.add_parser("registry", help="promotion and comparison of registered versions").add_subparsers(
+        dest="registry_cmd", required=True
+    )
+    p = reg.add_parser("promote", help="point an alias (champion) at a version, recording who, when and why")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--override", metavar="REASON", help="promote a version whose gates failed, and say why")
+    p.add_argument("--by", help="who promotes (default: your login name)")
+    _config_args(p)
+    p.set_defaults(func=cmd_registry_promote)
+    p = reg.add_parser("compare", help="two versions side by side: every task, check and tag")
+    p.add_argument("name")
+    p.add_argument("a")
+    p.add_argument("b")
+    _config_args(p)
+    p.set_defaults(func=cmd_registry_compare)
+    p = reg.add_parser("history", help="every promotion to an alias, oldest first")
+    p.add_argument("name")
+    p.add_argument("--alias", default="champion")
+    _config_args(p)
+    p.set_defaults(func=cmd_registry_history)
 
     book = sub.add_parser("logbook", help="the run logbook").add_subparsers(dest="logbook_cmd", required=True)
     p = book.add_parser("show", help="render a run's logbook as Markdown")

@@ -246,8 +246,22 @@ class EvalConfig(Section):
 
 
 class GateConfig(Section):
+    """The registration gate (opt/registry/gates.py): a version is `candidate` only if every check passes."""
+
     max_perplexity: float = Field(1e4, gt=1)
-    """A model version gets the `candidate` alias only if its validation perplexity is at most this."""
+    """The validation perplexity must be at most this."""
+    min_scores: dict[str, float] = {}
+    """Minimum task scores, by `task.metric` (e.g. `hellaswag.acc_norm_tokens: 0.3`)."""
+    max_perplexity_ratio: float = Field(1.05, ge=1.0)
+    """Against the current champion: perplexity at most this times the champion's."""
+    regression_metrics: list[str] = ["acc", "acc_norm_tokens"]
+    """Task metrics compared with the champion's."""
+    stderr_multiple: float = Field(2.0, ge=0.0)
+    """A task score may fall below the champion's by at most this many standard errors of the difference."""
+    check_integrity: bool = True
+    """Verify the checkpoint's commit, the dataset files evaluation read, and that the HF export gives our logits."""
+    auto_promote: bool = False
+    """Promote a version that passes every check (and so does not regress) to `champion` at registration."""
 
 
 class RegistryConfig(Section):

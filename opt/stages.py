@@ -97,6 +97,27 @@ def evaluate(cfg: RunConfig, step: int | None = None, manifest: DatasetManifest 
     return report
 
 
+def evaluate_pending(cfg: RunConfig, every: int = 1) -> list[EvalReport]:
+    """Evaluate the run's committed checkpoints that have no `eval.json` yet, every `every`-th one (oldest first).
+
+    This runs beside training, never inside it (`optctl eval pending [--watch S]`, or a scheduled flow): the
+    training loop only commits checkpoints, and the figures reach the training run in MLflow against their step.
+    """
+    from opt.train.checkpoint import committed_steps
+
+    if every < 1:
+        raise StageError(f"--every must be at least 1, got {every}")
+    record = _run_record(cfg)
+    manifest = load_manifest(storage.join(cfg.storage.root, "datasets", record["dataset_id"]))
+    steps = sorted(committed_steps(run_uri(cfg)))
+    chosen = [s for i, s in enumerate(steps) if i % every == 0 or s == steps[-1]]
+    reports = []
+    for step in chosen:
+        if not storage.exists(storage.join(step_uri(run_uri(cfg), step), EVAL_FILE)):
+            reports.append(evaluate(cfg, step, manifest))
+    return reports
+
+
 def register(cfg: RunConfig, step: int | None = None) -> Registration:
     from opt.registry.mlflow_registry import register as run_register
 

@@ -144,7 +144,13 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
     @app.post("/v1/releases", response_model=S.ReleaseOut, status_code=201)
     def publish(body: S.ReleaseIn, who: Caller) -> S.ReleaseOut:
         expected = {f.path: f.sha256 for f in body.files}
-        return S.ReleaseOut.of(svc.publish_as(who, body.model, body.version, body.source, list(expected), body.licence, expected))
+        release = svc.publish_as(who, body.model, body.version, body.source, list(expected), body.licence, expected,
+                                 body.gate_passed, body.gate_reasons)  # fmt: skip
+        return S.ReleaseOut.of(release)
+
+    @app.post("/v1/releases/{model}/{version}/override", response_model=S.ReleaseOut)
+    def override(model: str, version: str, body: S.ReasonIn, who: Caller) -> S.ReleaseOut:
+        return S.ReleaseOut.of(svc.override_as(who, model, version, body.reason))
 
     @app.get("/v1/releases/{model}/{version}", response_model=S.ReleaseOut)
     def release(model: str, version: str, who: Caller) -> S.ReleaseOut:

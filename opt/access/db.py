@@ -116,7 +116,10 @@ class Release(Base):
     """A gated model version as published: where its files are, and the manifest the service signed."""
 
     __tablename__ = "releases"
-    __table_args__ = (UniqueConstraint("model_name", "model_version", name="uq_releases_version"),)
+    __table_args__ = (
+        UniqueConstraint("model_name", "model_version", name="uq_releases_version"),
+        CheckConstraint("gate IN ('passed', 'failed', 'overridden')", name="ck_releases_gate"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model_name: Mapped[str] = mapped_column(String(MODEL_LEN))
@@ -130,6 +133,10 @@ class Release(Base):
     licence: Mapped[str] = mapped_column(Text)
     licence_sha256: Mapped[str] = mapped_column(String(64))
     published_at: Mapped[datetime]
+    gate: Mapped[str] = mapped_column(String(16), default="passed", server_default="passed")
+    """The registry's verdict: `passed`, `failed` (nobody may request it), or `overridden` by a promotion."""
+    gate_reasons: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    """JSON list: the gate's reasons, failed checks first."""
 
 
 class AccessRequest(Base):

@@ -52,6 +52,8 @@ class ReleaseIn(Body):
     source: str = Field(max_length=2000, description="a folder or s3:// prefix under the service's staging root")
     files: list[StagedFile] = Field(min_length=1, max_length=100_000)
     licence: str = Field(max_length=100_000)
+    gate_passed: bool = True
+    gate_reasons: list[str] = Field(default=[], max_length=1000)
 
 
 class ApproveIn(Body):
@@ -132,11 +134,14 @@ class ReleaseOut(Out):
     signature: str
     key_id: str
     published_at: datetime
+    gate: str = Field(description="passed, failed (cannot be requested) or overridden")
+    gate_reasons: list[str]
 
     @classmethod
     def of(cls, r: Release) -> ReleaseOut:
         return cls(model=r.model_name, version=r.model_version, licence=r.licence, licence_sha256=r.licence_sha256, manifest=r.manifest,
-                   signature=r.signature, key_id=r.key_id, published_at=r.published_at)  # fmt: skip
+                   signature=r.signature, key_id=r.key_id, published_at=r.published_at, gate=r.gate,
+                   gate_reasons=json.loads(r.gate_reasons))  # fmt: skip
 
 
 class RequestOut(Out):

@@ -59,7 +59,7 @@ class AccessService(Accounts):
 
     def publish_release(
         self, model: str, version: str, source: str | Path, paths: list[str], licence: str,
-        expected: dict[str, str] | None = None, by: str = "operator",
+        expected: dict[str, str] | None = None, by: str = "operator", gate_passed: bool = True, gate_reasons: list[str] | None = None,
     ) -> Release:  # fmt: skip
         """Copy a gated version's files from `source` (a local folder or an s3:// prefix the service can read) into
         the release root and record their manifest, signed. `expected` (path -> sha256, from the registry's download
@@ -95,17 +95,38 @@ class AccessService(Accounts):
                 release = Release(
                 model_name=model, model_version=version, location=location, manifest=text, signature=self.keys.sign(text.encode("utf-8")),
                     key_id=self.keys.key_id, licence=licence, licence_sha256=licence_sha, published_at=self._now(),
+                    gate="passed" if gate_passed else "failed", gate_reasons=json.dumps(gate_reasons or []),
                 )  # fmt: skip
                 s.add(release)
                 s.flush()
-                detail = {"model": model, "version": version, "files": len(files)}
+                detail = {"model": model, "version": version, "files": len(files), "gate": release.gate}
                 self._audit(s, by, "release.published", f"release:{release.id}", detail)
         except IntegrityError:  # published at the same moment by another call: that one stands
             self._refuse(by, "release.publish", subject, Conflict(f"{model} version {version} was published meanwhile"))
         return release
 
+    def override_gate(self, model: str, version: str, reason: str, by: str = "operator") -> Release:
+        """Let a release that failed its gates be requested after all: a maintainer promoted it with --override."""
+        try:
+            reason = clean_text(reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
+        except AccessError as e:
+            self._refuse(by, "release.override", "release", e)
+        with self._sessions.begin() as s:
+            rel = s.scalars(select(Release).where(Release.model_name == model, Release.model_version == version)).one_or_none()
+            if rel is not None:
+                before = rel.gate
+                rel.gate = "overridden"
+                self._audit(s, by, "release.gate_overridden", f"release:{rel.id}", {"reason": reason, "was": before})
+        if rel is None:
+            self._refuse(by, "release.override", f"release:{model}:{version}"[:64], NotFound(f"no gated release {model} version {version}"))
+        return rel
+
+    def override_as(self, actor: Principal, model: str, version: str, reason: str) -> Release:
+        self._need_admin(actor, "release.override", f"release:{model}:{version}"[:64])
+        return self.override_gate(model, version, reason, by=actor.name)
+
     def publish_as(self, actor: Principal, model: str, version: str, source: str, paths: list[str], licence: str,
-                   expected: dict[str, str]) -> Release:  # fmt: skip
+                   expected: dict[str, str], gate_passed: bool = True, gate_reasons: list[str] | None = None) -> Release:  # fmt: skip
         """Publish over the API: admins only (the registering operator's account), from under the staging root only,
         so no caller can make the service read its own keys or any other file."""
         subject = f"release:{model}:{version}"[:64]
@@ -116,7 +137,7 @@ class AccessService(Accounts):
             )
         if not _under(source, self.staging_root):
             self._refuse(actor, "release.publish", subject, AccessError(f"the source must lie under the staging root {self.staging_root}"))
-        return self.publish_release(model, version, source, paths, licence, expected, by=actor.name)
+        return self.publish_release(model, version, source, paths, licence, expected, actor.name, gate_passed, gate_reasons)
 
     def release(self, actor: Principal, model: str, version: str) -> Release:
         """A published release (its licence, manifest and signature); any signed-in account may read it."""
@@ -134,6 +155,10 @@ class AccessService(Accounts):
         """File a pending request for one release, accepting its licence (by the sha256 of the text shown)."""
         rel = self.release(actor, model, version)
         subject = f"release:{rel.id}"
+        if rel.gate == "failed":
+            failed = list(json.loads(rel.gate_reasons))[:3]
+            hint = f"{'; '.join(failed)}; it cannot be released unless a maintainer promotes it with --override"
+            self._refuse(actor, "request.create", subject, AccessDenied("version failed its gates", hint))
         try:
             affiliation = clean_text(affiliation, "affiliation", TEXT_LEN)
             purpose = clean_text(purpose, "purpose", MAX_PURPOSE_CHARS, MIN_PURPOSE_CHARS, multiline=True)

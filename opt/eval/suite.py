@@ -100,6 +100,9 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     for task, metrics in results.get("results", {}).items():
         out[task] = {k.split(",")[0]: float(v) for k, v in metrics.items() if "," in k and isinstance(v, (int, float))
                      and not k.split(",")[0].endswith("_stderr")}  # fmt: skip
+        n = (results.get("n-samples") or {}).get(task, {}).get("effective")
+        if n:
+            out[task]["n"] = float(n)  # documents scored: the gate's standard errors need it
     return out
 
 

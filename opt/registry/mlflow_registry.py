@@ -23,14 +23,17 @@ from opt.eval.report import EvalReport
 from opt.model.checkpoint import load_consolidated
 from opt.model.hf import export_hf
 from opt.model.plan import count_params
+from opt.registry.gates import Champion, Check, check_all, integrity_checks, passed_all, reasons_of
 from opt.train.checkpoint import CommittedCheckpoint
 from opt.train.export import export_consolidated
 
 log = logging.getLogger(__name__)
 
 DOWNLOAD_MANIFEST = "download_manifest.json"
+CHAMPION = "champion"
 # A gated version's artifacts in MLflow: the card, the eval report and the manifest (path, size, sha256), no weights
-REVIEW_FILES = ("README.md", "eval.json", DOWNLOAD_MANIFEST)
+GATES_FILE = "gates.json"
+REVIEW_FILES = ("README.md", "eval.json", GATES_FILE, DOWNLOAD_MANIFEST)
 CANDIDATE = "candidate"
 
 
@@ -49,15 +52,24 @@ class Registration:
     reused: bool = False
 
 
-def gate(report: EvalReport, cfg: RunConfig) -> tuple[bool, list[str]]:
-    """The registration gate: (passed, reasons). Every check adds a reason, passed or not."""
-    limit = cfg.registry.gate.max_perplexity
-    ok = report.perplexity <= limit
-    reason = f"validation perplexity {report.perplexity:.2f} {'<=' if ok else '>'} max {limit:g}"
-    return ok, [reason]
+def gate(report: EvalReport, cfg: RunConfig, champion: Champion | None = None, integrity: list[Check] | None = None) -> list[Check]:
+    """Every check of the configured gate on an evaluated checkpoint (see opt/registry/gates.py)."""
+    return check_all(cfg.registry.gate, report.perplexity, report.tasks, cfg.eval.task_names(cfg.model.preset), champion, integrity or [])
 
 
-def _model_card(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, passed: bool, reasons: list[str], params: int) -> str:
+def champion_of(tracking_uri: str, name: str) -> Champion | None:
+    """The version aliased `champion`, with the figures its tags recorded, or None if there is none."""
+    from opt.tracking import client
+
+    try:
+        mv = client(tracking_uri).get_model_version_by_alias(name, CHAMPION)
+    except Exception:
+        return None
+    return Champion(str(mv.version), float(mv.tags.get("opt.eval_perplexity", "inf")), json.loads(mv.tags.get("opt.eval_tasks", "{}")))
+
+
+def _model_card(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, checks: list[Check], params: int) -> str:
+    passed = passed_all(checks)
     gated = cfg.access_class == "gated"
     access_note = (
         "Gated: the weights are not in MLflow. Request access (`optctl access request`); once a reviewer approves, "
@@ -81,7 +93,11 @@ Validation perplexity {report.perplexity:.2f} over {report.tokens:,} tokens.
 
 {_tasks_table(report.tasks)}
 ## Gate
-{"PASSED" if passed else "FAILED"}: {"; ".join(reasons)}
+{"PASSED" if passed else "FAILED"}
+
+| check | verdict | value | threshold | reason |
+|---|---|---|---|---|
+{_gate_rows(checks)}
 
 ## Access
 Access class: `{cfg.access_class}`. {access_note}
@@ -90,6 +106,15 @@ Access class: `{cfg.access_class}`. {access_note}
 `consolidated/` (our format: `config.json`, `model.safetensors`), `hf/` (loads with
 `transformers.OPTForCausalLM.from_pretrained`), and `{DOWNLOAD_MANIFEST}` (size and sha256 of every file).
 """
+
+
+def _gate_rows(checks: list[Check]) -> str:
+    def cell(v: object) -> str:
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")
+
+    return "\n".join(
+        f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {cell(c.value)} | {cell(c.threshold)} | {cell(c.reason)} |" for c in checks
+    )
 
 
 def _tasks_table(tasks: dict[str, dict[str, float]]) -> str:
@@ -106,26 +131,40 @@ def _tasks_table(tasks: dict[str, dict[str, float]]) -> str:
 """
 
 
-def build_export(
-    cfg: RunConfig, ckpt: CommittedCheckpoint, manifest: DatasetManifest, report: EvalReport, passed: bool, reasons: list[str], out: Path
-) -> Path:
-    """Write the version's artifact directory: weights, HF export, model card, download manifest."""
+def export_weights(ckpt: CommittedCheckpoint, manifest: DatasetManifest, out: Path) -> Path:
+    """The version's weights: consolidated and as a Hugging Face folder (with the dataset's tokenizer)."""
     if out.exists():
         shutil.rmtree(out)
     cache = out.parent / "cache"
     export_consolidated(ckpt, out / "consolidated", cache)
     tokenizer = storage.local_path(manifest.file_uri(f"tokenizer/{TOKENIZER_FILE}"), cache)
     export_hf(out / "consolidated", out / "hf", tokenizer_file=tokenizer)
+    return out
+
+
+def write_review_files(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, checks: list[Check], out: Path) -> None:
+    """What a reviewer reads beside the weights: the model card, eval.json, gates.json, the download manifest."""
     model_cfg, _ = load_consolidated(out / "consolidated")
-    (out / "README.md").write_text(_model_card(cfg, manifest, report, passed, reasons, count_params(model_cfg)))
+    (out / "README.md").write_text(_model_card(cfg, manifest, report, checks, count_params(model_cfg)))
     (out / "eval.json").write_text(report.to_json())
+    (out / GATES_FILE).write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
     files = [
         {"path": p.relative_to(out).as_posix(), "size": p.stat().st_size, "sha256": storage.sha256_file(p)}
         for p in sorted(out.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != DOWNLOAD_MANIFEST
     ]
     (out / DOWNLOAD_MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
-    return out
+
+
+def build_export(
+    cfg: RunConfig, ckpt: CommittedCheckpoint, manifest: DatasetManifest, report: EvalReport, out: Path
+) -> tuple[Path, list[Check]]:
+    """Export the weights, run every gate check (integrity included, against that export), write the review files."""
+    export_weights(ckpt, manifest, out)
+    integrity = integrity_checks(ckpt, manifest, out, out.parent / "cache") if cfg.registry.gate.check_integrity else []
+    checks = gate(report, cfg, champion_of(cfg.tracking.uri, cfg.model_name), integrity)
+    write_review_files(cfg, manifest, report, checks, out)
+    return out, checks
 
 
 def register(
@@ -138,21 +177,22 @@ def register(
 
     c = client(cfg.tracking.uri)
     name = cfg.model_name
-    passed, reasons = gate(report, cfg)
     for mv in c.search_model_versions(f"name = '{name}'"):
         if mv.tags.get("opt.checkpoint_uri") == ckpt.uri:
             aliases = list(c.get_model_version(name, mv.version).aliases or [])
             passed_before = mv.tags.get("opt.gate") == "passed"
             reasons_before = json.loads(mv.tags.get("opt.gate_reasons", "[]"))
             access = mv.tags.get("opt.access_class", "open")
-            if access == "gated":  # a registration that stopped between the version and its release
+            if access == "gated" and mv.tags.get("opt.release") != "published":  # stopped between version and release
                 export = work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}"
                 if not (export / DOWNLOAD_MANIFEST).exists():
-                    build_export(cfg, ckpt, manifest, report, passed, reasons, export)
-                publish_gated(cfg, str(mv.version), export)
+                    build_export(cfg, ckpt, manifest, report, export)
+                publish_gated(cfg, str(mv.version), export, passed_before, reasons_before)
+                c.set_model_version_tag(name, mv.version, "opt.release", "published")
             return Registration(name, str(mv.version), passed_before, reasons_before, access, aliases, reused=True)
 
-    export_dir = build_export(cfg, ckpt, manifest, report, passed, reasons, work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}")
+    export_dir, checks = build_export(cfg, ckpt, manifest, report, work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}")
+    passed, reasons = passed_all(checks), reasons_of(checks)
     artifact_path = f"registry/step-{ckpt.step}"
     if cfg.access_class == "gated":
         # what a reviewer reads, and no weights: those go to the release root, behind the access service
@@ -175,19 +215,26 @@ def register(
         "opt.eval_loss": f"{report.loss:.4f}",
         "opt.gate": "passed" if passed else "failed",
         "opt.gate_reasons": json.dumps(reasons),
+        "opt.eval_tasks": json.dumps(report.tasks, sort_keys=True),
         "opt.access_class": cfg.access_class,
     }
     mv = c.create_model_version(name, source=source, run_id=mlflow_run_id, tags=tags, description=(export_dir / "README.md").read_text())
     if cfg.access_class == "gated":
-        publish_gated(cfg, str(mv.version), export_dir)
+        publish_gated(cfg, str(mv.version), export_dir, passed, reasons)
+        c.set_model_version_tag(name, mv.version, "opt.release", "published")  # the access service holds the weights now
     aliases = []
     if passed:
         c.set_registered_model_alias(name, CANDIDATE, mv.version)
         aliases.append(CANDIDATE)
+        if cfg.registry.gate.auto_promote:
+            from opt.registry.promote import promote
+
+            promote(cfg.tracking.uri, name, str(mv.version), CHAMPION, "passed every gate (registry.gate.auto_promote)", actor="registry")
+            aliases.append(CHAMPION)
     return Registration(name, str(mv.version), passed, reasons, cfg.access_class, aliases)
 
 
-def publish_gated(cfg: RunConfig, version: str, export_dir: Path) -> None:
+def publish_gated(cfg: RunConfig, version: str, export_dir: Path, gate_passed: bool = True, gate_reasons: list[str] | None = None) -> None:
     """Publish a gated version's files to the access service's release root, with its signed manifest.
 
     `access.publish_via=local` (the embedded defaults) publishes in-process: registration runs beside the access
@@ -199,21 +246,26 @@ def publish_gated(cfg: RunConfig, version: str, export_dir: Path) -> None:
 
     files = json.loads((export_dir / DOWNLOAD_MANIFEST).read_text())["files"]
     licence = licence_text(cfg.access.licence_file)
+    reasons = gate_reasons or []
     if cfg.access.publish_via == "service":
-        _publish_through_service(cfg, version, export_dir, files, licence)
+        _publish_through_service(cfg, version, export_dir, files, licence, gate_passed, reasons)
     else:
         from opt.access.server import build_service
 
         service = build_service(cfg.access)
         try:
             expected = {f["path"]: f["sha256"] for f in files}
-            service.publish_release(cfg.model_name, version, export_dir, list(expected), licence, expected)
+            service.publish_release(
+                cfg.model_name, version, export_dir, list(expected), licence, expected, "operator", gate_passed, reasons
+            )
         finally:
             service.close()
     shutil.rmtree(export_dir)
 
 
-def _publish_through_service(cfg: RunConfig, version: str, export_dir: Path, files: list[dict], licence: str) -> None:
+def _publish_through_service(
+    cfg: RunConfig, version: str, export_dir: Path, files: list[dict], licence: str, gate_passed: bool, gate_reasons: list[str]
+) -> None:
     import os
 
     from opt.access.client import AccessClient
@@ -226,8 +278,8 @@ def _publish_through_service(cfg: RunConfig, version: str, export_dir: Path, fil
         storage.put_file(export_dir / f["path"], storage.join(staged, f["path"]))
     client = AccessClient(os.environ.get("OPT_ACCESS_URL") or cfg.access.url, token)
     try:
-        body = {"model": cfg.model_name, "version": version, "source": staged, "licence": licence,
-                "files": [{"path": f["path"], "sha256": f["sha256"]} for f in files]}  # fmt: skip
+        body = {"model": cfg.model_name, "version": version, "source": staged, "licence": licence, "gate_passed": gate_passed,
+                "gate_reasons": gate_reasons, "files": [{"path": f["path"], "sha256": f["sha256"]} for f in files]}  # fmt: skip
         client.call("POST", "/v1/releases", body)
     finally:
         client.close()

@@ -38,6 +38,11 @@ def step_uri(run_uri: str, step: int) -> str:
     return storage.join(run_uri, f"step-{step}")
 
 
+def committed_steps(run_uri: str) -> list[int]:
+    """Steps of the run with a commit marker, newest first (not yet verified: `verify` does that)."""
+    return _committed_steps(run_uri)
+
+
 def _committed_steps(run_uri: str) -> list[int]:
     steps = set()
     for f in storage.list_files(run_uri):

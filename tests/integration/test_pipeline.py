@@ -113,7 +113,12 @@ def test_mlflow_holds_no_gated_weights(pipeline_run):
         return out
 
     step = summary["train"]["checkpoint"].rsplit("-", 1)[1]
-    assert sorted(p.rsplit("/", 1)[1] for p in walk(f"registry/step-{step}")) == ["README.md", "download_manifest.json", "eval.json"]
+    assert sorted(p.rsplit("/", 1)[1] for p in walk(f"registry/step-{step}")) == [
+        "README.md",
+        "download_manifest.json",
+        "eval.json",
+        "gates.json",
+    ]
     weights = [p for p in (root / "mlartifacts").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".distcp")]
     assert weights == []  # a walk over MLflow's artifact store: no weight file of any version
     manifest = json.loads(next((root / "mlartifacts").rglob("download_manifest.json")).read_text())
@@ -227,6 +232,24 @@ def test_gated_version_downloads_through_the_service_and_loads_in_transformers(p
         numerics.assert_within(numerics.roundoff_usage({"logits": hf(input_ids=x).logits}, {"logits": ours(x)}), "registered HF export")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.decode(tok("def main():").input_ids).endswith("def main():")
+
+
+def test_pending_checkpoints_are_evaluated_beside_training_and_charted(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    root, summary = pipeline_run
+    cfg = load_config(None, overrides(root))
+    step5 = storage.join(summary["train"]["run_uri"], "step-5", "eval.json")
+    assert not storage.exists(step5)  # the pipeline evaluated its final checkpoint only
+    reports = stages.evaluate_pending(cfg)
+    assert [r.step for r in reports] == [5] and storage.exists(step5)
+    assert stages.evaluate_pending(cfg) == []  # nothing left to do
+    assert set(reports[0].tasks) == {"pydocs_cloze", "pydocs_choice"}
+    run_id = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_model_version("opt-it", summary["registration"]["version"]).run_id
+    history = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "eval_perplexity")
+    assert {m.step for m in history} >= {5, 10}  # against the step: the UI charts it
+    acc = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "eval.pydocs_choice.acc")
+    assert {m.step for m in acc} >= {5, 10}
 
 
 def test_rerun_reuses_dataset_run_and_version(pipeline_run):

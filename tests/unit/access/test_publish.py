@@ -80,3 +80,22 @@ def test_registration_publishes_through_the_service(world: World, tmp_path: Path
     bob.http.post(f"/v1/requests/{req['id']}/approve", json={})
     got = alice.client.download("opt-reg", version, tmp_path / "dl", progress=False)
     assert {f.path for f in got} == set(data) and (tmp_path / "dl" / "README.md").read_bytes() == b"# card"
+
+
+def test_a_version_that_failed_its_gates_cannot_be_requested_until_overridden(world: World):
+    admin, alice = world.person("admin"), world.person()
+    version = secrets.token_hex(3)
+    src, files = _stage(world, f"m/{version}", {"w.bin": b"weights"})
+    body = {"model": "opt-failed", "version": version, "source": str(src), "files": files, "licence": "x",
+            "gate_passed": False, "gate_reasons": ["regression:pydocs_choice.acc 0.40 < champion v3's 0.55 - 2 x stderr 0.05"]}  # fmt: skip
+    assert admin.http.post("/v1/releases", json=body).json()["gate"] == "failed"
+    rel = alice.http.get(f"/v1/releases/opt-failed/{version}").json()
+    req = {"model": "opt-failed", "version": version, "affiliation": "Uni", "organisation_kind": "academic",
+           "purpose": "A research purpose that is long enough", "accept_licence_sha256": rel["licence_sha256"]}  # fmt: skip
+    r = alice.http.post("/v1/requests", json=req)
+    assert r.status_code == 403 and "version failed its gates" in r.json()["detail"] and "champion v3" in r.json()["detail"]
+    assert world.refused(alice.name, "request.create")[-1]["detail"]["reason"] == "version failed its gates"
+    assert alice.http.post(f"/v1/releases/opt-failed/{version}/override", json={"reason": "mine"}).status_code == 403
+    r = admin.http.post(f"/v1/releases/opt-failed/{version}/override", json={"reason": "promoted with --override by the board"})
+    assert r.status_code == 200 and r.json()["gate"] == "overridden"
+    assert alice.http.post("/v1/requests", json=req).status_code == 201
