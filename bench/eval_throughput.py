@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--choice", type=int, default=100, help="pydocs_choice questions (4 requests each)")
     p.add_argument("--cloze", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--batch-tokens", type=int, default=2048)
     p.add_argument("--peer-batch", type=int, default=16)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)

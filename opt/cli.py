@@ -147,7 +147,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         summary = {
             "dataset": {"id": s.dataset.dataset_id, "uri": s.dataset.uri, "reused": s.dataset_reused},
             "train": {"run_uri": s.train.run_uri, "step": s.train.checkpoint.step, "checkpoint": s.train.checkpoint.uri},
-            "eval": {"perplexity": s.eval.perplexity},
+            "eval": {"perplexity": s.eval.perplexity, "tasks": s.eval.tasks},
             "registration": {"name": s.registration.name, "version": s.registration.version, "gate_passed": s.registration.gate_passed,
                              "aliases": s.registration.aliases, "access_class": s.registration.access_class},
         }  # fmt: skip

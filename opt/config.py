@@ -230,7 +230,7 @@ class EvalConfig(Section):
     """Documents per task (None: all); a cap for quick checks."""
     include_path: str | None = None
     """A folder of extra task YAMLs in lm-eval's format (the bundled tasks are always included)."""
-    batch_tokens: int = Field(8192, ge=1)
+    batch_tokens: int = Field(2048, ge=1)
     """Tokens per scoring batch (packed rows of shared contexts)."""
 
     def task_names(self, preset: str) -> list[str]:

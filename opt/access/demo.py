@@ -34,12 +34,21 @@ def _refused(call: Any) -> str:
 
 
 def run_demo(cfg: Any) -> None:
-    from opt.access.server import build_service, running
+    from opt.access.server import build_service
     from opt.registry.mlflow_registry import newest_version
 
     name = cfg.model_name
     version = newest_version(cfg.tracking.uri, name)
     service = build_service(cfg.access)
+    try:
+        _walk_through(service, name, version)
+    finally:
+        service.close()
+
+
+def _walk_through(service: Any, name: str, version: str) -> None:
+    from opt.access.server import running
+
     researcher_token = _account(service, RESEARCHER, "researcher@university.edu", "researcher")
     reviewer_token = _account(service, REVIEWER, "reviewer@lab.org", "reviewer")
     with running(service) as srv:
@@ -47,6 +56,13 @@ def run_demo(cfg: Any) -> None:
         researcher, reviewer = AccessClient(srv.url, researcher_token), AccessClient(srv.url, reviewer_token)
         try:
             rel = researcher.call("GET", f"/v1/releases/{name}/{version}")
+            if rel["gate"] == "failed":  # the service will refuse it: show that, and stop
+                print(f"  {name} v{version} failed its gates: {rel['gate_reasons'][0] if rel['gate_reasons'] else 'see its card'}")
+                body = {"model": name, "version": version, "affiliation": "Demo University", "organisation_kind": "academic",
+                        "purpose": "Reproduce the OPT evaluation on held-out Python documentation",
+                        "accept_licence_sha256": rel["licence_sha256"]}  # fmt: skip
+                print(f"  a request for it is refused: {_refused(lambda: researcher.call('POST', '/v1/requests', body))}")
+                return
             body = {"model": name, "version": version, "affiliation": "Demo University", "organisation_kind": "academic",
                     "purpose": "Reproduce the OPT evaluation on held-out Python documentation",
                     "accept_licence_sha256": rel["licence_sha256"]}  # fmt: skip
@@ -84,4 +100,3 @@ def run_demo(cfg: Any) -> None:
         finally:
             researcher.close()
             reviewer.close()
-    service.close()

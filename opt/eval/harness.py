@@ -52,7 +52,7 @@ def _make_lm_class() -> type:
     class OPTHarnessLM(TemplateLM):  # type: ignore[misc]
         """lm-eval model over one of our OPT models and its tokenizer (a `tokenizers.Tokenizer`)."""
 
-        def __init__(self, model: OPT | None = None, tokenizer: Any = None, checkpoint: str | None = None, batch_tokens: int = 8192,
+        def __init__(self, model: OPT | None = None, tokenizer: Any = None, checkpoint: str | None = None, batch_tokens: int = 2048,
                      device: str = "cpu", cache_dir: str | None = None) -> None:  # fmt: skip
             super().__init__()
             if checkpoint is not None:
@@ -248,12 +248,17 @@ def _run(model: OPT, batch: list[Any], results: list[Any], device: torch.device)
         mask[b, 0, :n, :n] = causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
         mask[b, 0, range(n, T), range(n, T)] = True
     h = model.hidden(idx.to(device), pos.to(device), mask.to(device))
-    logprobs = F.log_softmax(F.linear(h, model.embed_tokens.weight).float(), dim=-1).cpu()
-    for b, (_, _, _, targets) in enumerate(batch):
-        for i, at, cont in targets:
-            rows = logprobs[b, at]  # (len(cont), vocab)
-            want = torch.tensor(cont)
-            results[i] = (float(rows.gather(1, want[:, None]).sum()), bool((rows.argmax(-1) == want).all()))
+    # the output projection and softmax only where a continuation token is predicted, not at every position
+    where = [(b, at, i, cont) for b, (_, _, _, targets) in enumerate(batch) for i, at, cont in targets]
+    rows_b = torch.tensor([b for b, at, _, _ in where for _ in at])
+    rows_t = torch.tensor([t for _, at, _, _ in where for t in at])
+    logprobs = F.log_softmax(F.linear(h[rows_b.to(device), rows_t.to(device)], model.embed_tokens.weight).float(), dim=-1).cpu()
+    start = 0
+    for _, at, i, cont in where:
+        rows = logprobs[start : start + len(at)]  # (len(cont), vocab)
+        start += len(at)
+        want = torch.tensor(cont)
+        results[i] = (float(rows.gather(1, want[:, None]).sum()), bool((rows.argmax(-1) == want).all()))
     return sum(len(r[0]) for r in batch)
 
 

@@ -78,7 +78,7 @@ class TaskRun:
     include_path: str | None = None
     num_fewshot: int | None = None
     limit: int | None = None
-    batch_tokens: int = 8192
+    batch_tokens: int = 2048
 
 
 def log_to_mlflow(report: EvalReport, tracking_uri: str, run_id: str) -> None:
