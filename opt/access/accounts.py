@@ -95,10 +95,7 @@ class Accounts(Core):
 
     def issue_token(self, actor: Principal, label: str, days: int | None = None) -> NewToken:
         days = self._bounded(actor, "token.create", f"user:{actor.user_id}", "days", days, self.limits.token_days, self.limits.token_days)
-        try:
-            label = clean_text(label, "label", TEXT_LEN)
-        except AccessError as e:
-            self._refuse(actor, "token.create", f"user:{actor.user_id}", e)
+        label = self._text(actor, "token.create", f"user:{actor.user_id}", label, "label", TEXT_LEN)
         with self._sessions.begin() as s:
             user = s.get(User, actor.user_id)
             assert user is not None

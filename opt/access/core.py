@@ -16,6 +16,7 @@ from opt.access.auth import Principal
 from opt.access.db import make_engine, session_factory
 from opt.access.errors import AccessDenied, AccessError
 from opt.access.keys import ServiceKeys
+from opt.access.names import clean_text
 from opt.access.release import ReleaseStore
 
 Clock = Callable[[], datetime]
@@ -94,6 +95,13 @@ class Core:
     def _need_admin(self, actor: Principal, action: str, subject: str) -> None:
         if not actor.is_admin:
             self._refuse(actor, action, subject, AccessDenied("not an admin", "only admins manage accounts and publish releases"))
+
+    def _text(self, actor: Principal | str, action: str, subject: str, raw: str, field: str, max_len: int, multiline: bool = False) -> str:
+        """`clean_text(raw, ...)`, or the refusal (audited) that names what is wrong with it."""
+        try:
+            return clean_text(raw, field, max_len, multiline=multiline)
+        except AccessError as e:
+            self._refuse(actor, action, subject, e)
 
     def _bounded(self, actor: Principal, action: str, subject: str, field: str, value: int | None, default: int, most: int) -> int:
         if value is None:

@@ -107,10 +107,7 @@ class AccessService(Accounts):
 
     def override_gate(self, model: str, version: str, reason: str, by: str = "operator") -> Release:
         """Let a release that failed its gates be requested after all: a maintainer promoted it with --override."""
-        try:
-            reason = clean_text(reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
-        except AccessError as e:
-            self._refuse(by, "release.override", "release", e)
+        reason = self._text(by, "release.override", "release", reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
         with self._sessions.begin() as s:
             rel = s.scalars(select(Release).where(Release.model_name == model, Release.model_version == version)).one_or_none()
             if rel is not None:
@@ -231,10 +228,7 @@ class AccessService(Accounts):
         """Deny a pending request with a reason the requester sees; they may apply again."""
         subject = f"request:{request_id}"
         self._need_reviewer(actor, "request.deny", subject)
-        try:
-            reason = clean_text(reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
-        except AccessError as e:
-            self._refuse(actor, "request.deny", subject, e)
+        reason = self._text(actor, "request.deny", subject, reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
         try:
             with self._sessions.begin() as s:
                 self._pending(s, actor, request_id, RequestStatus.DENIED, reason)
@@ -256,10 +250,7 @@ class AccessService(Accounts):
         """Revoke a grant at once: the next file of any download under it is refused."""
         subject = f"grant:{grant_id}"
         self._need_reviewer(actor, "grant.revoke", subject)
-        try:
-            reason = clean_text(reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
-        except AccessError as e:
-            self._refuse(actor, "grant.revoke", subject, e)
+        reason = self._text(actor, "grant.revoke", subject, reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
         now = self._now()
         with self._sessions.begin() as s:
             done = _rowcount(
