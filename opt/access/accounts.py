@@ -110,9 +110,7 @@ class Accounts(Core):
         with self._sessions.begin() as s:
             row = s.get(ApiToken, token_id)
             visible = row is not None and (row.user_id == actor.user_id or actor.is_admin)
-            if not visible:
-                pass
-            elif row is not None and row.revoked_at is None:
+            if visible and row is not None and row.revoked_at is None:
                 s.execute(update(ApiToken).where(ApiToken.id == token_id).values(revoked_at=self._now()))
                 self._audit(s, actor.name, "token.revoked", subject, {"owner": row.user.name})
                 s.refresh(row)

@@ -211,7 +211,7 @@ class Download(Base):
     expires_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]
     files_served: Mapped[int] = mapped_column(default=0)
-    bytes_served: Mapped[int] = mapped_column(BigInteger, default=0)  # one OPT-175B copy is ~350 GB
+    """File links handed out under it (each file served is an audit entry, `file.served`)."""
 
     grant: Mapped[Grant] = relationship(lazy="joined")
 

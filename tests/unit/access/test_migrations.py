@@ -25,3 +25,17 @@ def test_a_revision_0001_database_upgrades_in_place(tmp_path: Path) -> None:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
         assert conn.execute(text("SELECT model_name, gate, gate_reasons FROM releases")).one() == ("m", "passed", "[]")
     engine.dispose()
+
+
+def test_the_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
+    """A model changed without a migration (or the reverse) would leave production databases behind."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from opt.access.db import Base, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == [], diff
