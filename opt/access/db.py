@@ -266,6 +266,11 @@ def _refuse_bulk_audit_writes(state: ORMExecuteState) -> None:
         raise AppendOnlyViolation("bulk UPDATE/DELETE of the audit log refused: the audit log is append-only")
 
 
+def rowcount(result: Any) -> int:
+    """Rows a conditional UPDATE changed: 1 for the caller that won a race, 0 for the others."""
+    return int(getattr(result, "rowcount", 0))
+
+
 def make_engine(db_url: str) -> Engine:
     """An engine for `db_url`, its schema migrated to the newest version. A new SQLite file is made mode 0600."""
     from sqlalchemy import create_engine
