@@ -168,6 +168,7 @@ def upgrade() -> None:
         sa.Column("expires_at", opt.access.db.UTCDateTime(timezone=True), nullable=False),
         sa.Column("completed_at", opt.access.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("files_served", sa.Integer(), nullable=False),
+        sa.Column("bytes_served", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
             ["grant_id"],
             ["grants.id"],
