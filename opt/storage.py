@@ -63,7 +63,8 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI; StorageError when it names no bucket."""
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"{uri}: an S3 URI needs a bucket: s3://bucket/key")
@@ -121,7 +122,7 @@ def _copy_stream(src: BinaryIO, dst: BinaryIO, h: Any) -> None:
 def write_bytes(uri: str, data: bytes) -> ObjectInfo:
     """Atomically write `data` to `uri`."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         digest = hashlib.sha256(data).hexdigest()
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest})
@@ -142,7 +143,7 @@ def write_text(uri: str, text: str) -> ObjectInfo:
 
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as e:
@@ -162,7 +163,7 @@ def put_file(local_path: str | Path, uri: str) -> ObjectInfo:
     if is_s3(uri):
         digest = sha256_file(local_path)
         size = os.path.getsize(local_path)
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             s3_client().upload_file(str(local_path), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
         except Exception as e:
@@ -182,7 +183,7 @@ def get_file(uri: str, local_path: str | Path) -> Path:
     """Copy `uri` to a local file (atomically) and return its path."""
     dst = Path(local_path)
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dst.parent)
         os.close(fd)
@@ -203,7 +204,7 @@ def get_file(uri: str, local_path: str | Path) -> Path:
 
 def exists(uri: str) -> bool:
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             s3_client().head_object(Bucket=bucket, Key=key)
             return True
@@ -227,7 +228,7 @@ def list_files(prefix_uri: str) -> list[str]:
 def list_sizes(prefix_uri: str) -> dict[str, int]:
     """`list_files` with each object's size in bytes (one listing, no reads)."""
     if is_s3(prefix_uri):
-        bucket, key = _split_s3(prefix_uri)
+        bucket, key = split_s3(prefix_uri)
         key = key.rstrip("/") + "/" if key else ""
         out: dict[str, int] = {}
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
@@ -239,7 +240,7 @@ def list_sizes(prefix_uri: str) -> dict[str, int]:
 def delete(uri: str) -> None:
     """Delete one object, or everything under a directory/prefix. Missing targets are fine."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         client = s3_client()
         keys = [key] + [u[len(f"s3://{bucket}/") :] for u in list_files(uri)]
         for i in range(0, len(keys), 1000):
@@ -255,7 +256,7 @@ def delete(uri: str) -> None:
 def stat(uri: str) -> ObjectInfo:
     """Size and sha256 of an object (from S3 metadata when recorded, else computed)."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             head = s3_client().head_object(Bucket=bucket, Key=key)
         except Exception as e:
@@ -272,7 +273,7 @@ def local_path(uri: str, cache_dir: str | Path) -> Path:
     """A local path holding `uri`: the path itself when local, else a download into `cache_dir`."""
     if not is_s3(uri):
         return Path(uri)
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3(uri)
     dst = Path(cache_dir) / bucket / key
     if not dst.exists():
         get_file(uri, dst)

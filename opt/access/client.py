@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opt import storage
 from opt.access.errors import TamperedRelease
 from opt.access.keys import key_id, verify_signature
 from opt.access.release import check_release_path
@@ -121,7 +122,7 @@ class AccessClient:
         if out_dir.resolve() not in final.parents:
             raise TamperedRelease(f"{path}: the manifest names a file outside the download folder")
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.is_file() and final.stat().st_size == size and _sha256(final) == digest:
+        if final.is_file() and final.stat().st_size == size and storage.sha256_file(final) == digest:
             bar.update(size)
             return Fetched(path, size, digest, size, skipped=True)
         part = final.with_name(final.name + ".part")
@@ -196,24 +197,17 @@ def _detail(resp: Any) -> str:
         return resp.text[:200] or resp.reason_phrase  # S3 answers XML: its first line is enough
 
 
-def _sha256_of(path: Path, n: int | None = None) -> Any:
-    """A sha256 hasher fed the first `n` bytes of `path` (all of it when None; nothing if it does not exist)."""
+def _sha256_of(path: Path, n: int) -> Any:
+    """A sha256 hasher fed the first `n` bytes of `path` (a partial file being resumed; nothing if it is absent)."""
     h = hashlib.sha256()
     if n == 0 or not path.exists():
         return h
     with open(path, "rb") as f:
         left = n
-        while chunk := f.read(CHUNK if left is None else min(CHUNK, left)):
+        while left > 0 and (chunk := f.read(min(CHUNK, left))):
             h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-                if left == 0:
-                    break
+            left -= len(chunk)
     return h
-
-
-def _sha256(path: Path) -> str:
-    return str(_sha256_of(path).hexdigest())
 
 
 class _Bar:

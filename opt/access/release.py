@@ -84,7 +84,7 @@ class ReleaseStore:
             with _open_source(storage.join(source, rel), self._client) as src:
                 reader = _HashingReader(src)
                 if self.is_s3:
-                    bucket, key = _split(storage.join(location, rel))
+                    bucket, key = storage.split_s3(storage.join(location, rel))
                     self._client().upload_fileobj(reader, bucket, key)
                 else:
                     dst = Path(location) / rel
@@ -97,7 +97,7 @@ class ReleaseStore:
         return Path(location) / check_release_path(path)
 
     def presigned_url(self, location: str, path: str, expires_s: int) -> str:
-        bucket, key = _split(storage.join(location, check_release_path(path)))
+        bucket, key = storage.split_s3(storage.join(location, check_release_path(path)))
         url: str = self._client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)
         return url
 
@@ -135,7 +135,7 @@ class _HashingReader(io.RawIOBase):
 def _open_source(uri: str, client: Any) -> Iterator[BinaryIO]:
     try:
         if storage.is_s3(uri):
-            bucket, key = _split(uri)
+            bucket, key = storage.split_s3(uri)
             body = client().get_object(Bucket=bucket, Key=key)["Body"]
             try:
                 yield body
@@ -150,11 +150,6 @@ def _open_source(uri: str, client: Any) -> Iterator[BinaryIO]:
         if type(e).__module__.startswith(("botocore", "boto3")):
             raise AccessError(f"cannot read {uri} to publish it: {e}") from None
         raise
-
-
-def _split(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    return bucket, key
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
