@@ -14,10 +14,19 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
 export RAY_USAGE_STATS_ENABLED = 0
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install run test test-fast lint clean-state
+.PHONY: install system-packages run test test-fast lint clean-state
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+# System packages the tests drive (not `make run`): Debian's chromium, for pages checked in headless Chromium.
+# apt-get needs root; without it, the line says what to install.
+SYSTEM_PACKAGES := chromium
+system-packages:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "install Debian's $(SYSTEM_PACKAGES) (as root: apt-get install $(SYSTEM_PACKAGES)), then run make again" >&2; exit 1; fi
 
 # Re-install whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
@@ -33,10 +42,10 @@ run: install
 	$(BIN)/optctl access demo --config $(CONFIG)
 
 # Lint and type checks run first: CI checks them with every test run.
-test: lint
+test: lint system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install system-packages
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install

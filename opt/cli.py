@@ -163,6 +163,8 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
 
 def _where_to_look(cfg: Any, summary: dict) -> None:
+    from opt.tracking import ui_links
+
     reg = summary["registration"]
     print("\nWhere to look:")
     print(f"  dataset manifest   {summary['dataset']['uri']}/manifest.json")
@@ -170,7 +172,9 @@ def _where_to_look(cfg: Any, summary: dict) -> None:
     print(f"  eval report        {summary['train']['checkpoint']}/eval.json")
     verdict = "passed" if reg["gate_passed"] else "failed"
     print(f"  registered model   {reg['name']} v{reg['version']} (gate {verdict}, aliases {reg['aliases']}, access {reg['access_class']})")
-    print(f"  MLflow UI          .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --port 5000  -> http://127.0.0.1:5000")
+    print(f"  MLflow UI          .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --port 5000, then open")
+    for url, what in ui_links("http://127.0.0.1:5000", cfg.tracking.uri, cfg.tracking.experiment, reg["name"], reg["version"]):
+        print(f"                     {url}  ({what})")
 
 
 # --- model ---------------------------------------------------------------------------------------------

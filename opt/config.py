@@ -270,6 +270,17 @@ class RegistryConfig(Section):
     access_class: Literal["open", "gated"] | None = None
     """`gated` versions are downloadable only through an approved access grant; None: gated for 175b."""
     gate: GateConfig = GateConfig()
+    intended_use: str = (
+        "Research on language models: evaluation, probing, and the study of training dynamics, bias and toxicity. "
+        "Not for production use, for text shown to people without review, or for decisions about people."
+    )
+    """The model card's "Intended use" section (Markdown)."""
+    limitations: str = (
+        "Like every language model trained on web and documentation text, it reproduces that data's biases and errors, "
+        "and can produce text that is wrong, offensive or harmful, with confidence. It was evaluated only on the tasks "
+        "in this card; bias and toxicity benchmarks (CrowS-Pairs, StereoSet, RealToxicityPrompts) were not run unless listed."
+    )
+    """The model card's "Limitations" section (Markdown)."""
 
 
 class AccessConfig(Section):

@@ -29,15 +29,66 @@ def client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=prepare_tracking_uri(tracking_uri))
 
 
+# MLflow's UI opens an experiment of this kind on its model-training views (runs, metrics, models), not GenAI's traces
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def get_or_create_experiment(tracking_uri: str, experiment: str, artifact_root: str) -> str:
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:  # made before we marked experiments; a kind set by hand stays
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     from opt.storage import is_uri
 
     location = artifact_root if is_uri(artifact_root) else Path(artifact_root).resolve().as_uri()
-    return c.create_experiment(experiment, artifact_location=f"{location.rstrip('/')}/{experiment}")
+    return c.create_experiment(experiment, artifact_location=f"{location.rstrip('/')}/{experiment}", tags=dict([EXPERIMENT_KIND]))
+
+
+def ui_links(base: str, tracking_uri: str, experiment: str, model: str, version: str) -> list[tuple[str, str]]:
+    """Where a reviewer looks in MLflow's UI at `base`: the version page, and the experiment on its training views.
+
+    MLflow 3.17's UI picks GenAI or model-training views by its own switch (kept in the browser), not by the
+    experiment's kind tag, so the experiment link asks for the training views itself (`workflowType=machine_learning`).
+    """
+    exp = client(tracking_uri).get_experiment_by_name(experiment)
+    from urllib.parse import quote
+
+    links = [(f"{base}/#/models/{quote(model)}/versions/{version}?workflowType=machine_learning", "the card, gate tags and aliases")]
+    if exp is not None:
+        links.append(
+            (f"{base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning", "runs, charts; plots in a run's Artifacts")
+        )
+    return links
+
+
+def log_dataset_inputs(tracking_uri: str, run_id: str, manifest: Any) -> None:
+    """The run's data lineage as MLflow inputs: the prepared dataset (context `training`, its profile the per-source
+    documents, duplicates removed and tokens) and each raw input file it was made from (context `source`).
+    Logging the same inputs again (a resumed run) adds nothing: MLflow keys them by name and digest."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    def source(uri: str) -> tuple[str, str]:
+        kind = "s3" if uri.startswith("s3://") else "local"
+        return kind, json.dumps({"uri": uri if "://" in uri else Path(uri).resolve().as_uri()})
+
+    profile: dict[str, Any] = {"train_tokens": manifest.train_tokens, "seq_len": manifest.seq_len, "vocab_size": manifest.vocab_size}
+    for n, s in sorted(manifest.sources.items()):  # flat keys: MLflow's dataset drawer shows one line per key
+        profile |= {f"{n}.documents_in": s.docs_in, f"{n}.exact_duplicates_removed": s.exact_duplicates,
+                    f"{n}.near_duplicates_removed": s.near_duplicates, f"{n}.filtered_out": sum(s.dropped.values()),
+                    f"{n}.train_tokens": s.train_tokens, f"{n}.valid_tokens": s.valid_tokens}  # fmt: skip
+    inputs = [DatasetInput(Dataset(manifest.dataset_id, manifest.dataset_id, *source(manifest.uri), profile=json.dumps(profile)),
+                           [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]  # fmt: skip
+    for i in manifest.inputs:
+        name = f"{i.get('source', 'input')}:{Path(str(i['uri'])).name}"
+        digest = str(i.get("sha256", ""))[:16] or manifest.dataset_id
+        inputs.append(DatasetInput(Dataset(name, digest, *source(str(i["uri"])), profile=json.dumps({"bytes": i.get("size")})),
+                                   [InputTag(MLFLOW_DATASET_CONTEXT, "source")]))  # fmt: skip
+    client(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 def get_or_create_run(

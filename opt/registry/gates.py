@@ -16,7 +16,7 @@ No training platform we know gates registration on a regression against the mode
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class Champion:
     version: str
     perplexity: float
     tasks: dict[str, dict[str, float]]
+    per_source: dict[str, float] = field(default_factory=dict)
+    """Validation perplexity per data source (for the card's plot; older versions did not record it)."""
 
 
 def _stderr(p: float, n: float) -> float:

@@ -23,17 +23,17 @@ from opt.eval.report import EvalReport
 from opt.model.checkpoint import load_consolidated
 from opt.model.hf import export_hf
 from opt.model.plan import count_params
+from opt.registry.card import DOWNLOAD_MANIFEST, LICENCE_FILE, CardFacts, render
 from opt.registry.gates import Champion, Check, check_all, integrity_checks, passed_all, reasons_of
 from opt.train.checkpoint import CommittedCheckpoint
 from opt.train.export import export_consolidated
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_MANIFEST = "download_manifest.json"
 CHAMPION = "champion"
-# A gated version's artifacts in MLflow: the card, the eval report and the manifest (path, size, sha256), no weights
+# A gated version's artifacts in MLflow: the card, licence, eval report, gates and manifest (path, size, sha256), no weights
 GATES_FILE = "gates.json"
-REVIEW_FILES = ("README.md", "eval.json", GATES_FILE, DOWNLOAD_MANIFEST)
+REVIEW_FILES = ("README.md", LICENCE_FILE, "eval.json", GATES_FILE, DOWNLOAD_MANIFEST)
 CANDIDATE = "candidate"
 
 
@@ -65,70 +65,9 @@ def champion_of(tracking_uri: str, name: str) -> Champion | None:
         mv = client(tracking_uri).get_model_version_by_alias(name, CHAMPION)
     except Exception:
         return None
-    return Champion(str(mv.version), float(mv.tags.get("opt.eval_perplexity", "inf")), json.loads(mv.tags.get("opt.eval_tasks", "{}")))
-
-
-def _model_card(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, checks: list[Check], params: int) -> str:
-    passed = passed_all(checks)
-    gated = cfg.access_class == "gated"
-    access_note = (
-        "Gated: the weights are not in MLflow. Request access (`optctl access request`); once a reviewer approves, "
-        "`optctl access download` fetches them from the access service, signature and sha256 verified."
-        if gated
-        else "Open download."
-    )
-    per_source = "\n".join(f"| {n} | {m['perplexity']:.2f} | {int(m['tokens'])} |" for n, m in report.per_source.items())
-    return f"""# {cfg.model_name}
-
-OPT-family decoder-only transformer (preset `{cfg.model.preset}`), {params:,} parameters,
-trained by run `{cfg.train.run}` for {report.step} steps on dataset `{manifest.dataset_id}`
-({manifest.train_tokens:,} training tokens, tokenizer sha256 `{manifest.tokenizer_sha256[:16]}...`).
-
-## Evaluation
-Validation perplexity {report.perplexity:.2f} over {report.tokens:,} tokens.
-
-| source | perplexity | tokens |
-|---|---|---|
-{per_source}
-
-{_tasks_table(report.tasks)}
-## Gate
-{"PASSED" if passed else "FAILED"}
-
-| check | verdict | value | threshold | reason |
-|---|---|---|---|---|
-{_gate_rows(checks)}
-
-## Access
-Access class: `{cfg.access_class}`. {access_note}
-
-## Files
-`consolidated/` (our format: `config.json`, `model.safetensors`), `hf/` (loads with
-`transformers.OPTForCausalLM.from_pretrained`), and `{DOWNLOAD_MANIFEST}` (size and sha256 of every file).
-"""
-
-
-def _gate_rows(checks: list[Check]) -> str:
-    def cell(v: object) -> str:
-        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")
-
-    return "\n".join(
-        f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {cell(c.value)} | {cell(c.threshold)} | {cell(c.reason)} |" for c in checks
-    )
-
-
-def _tasks_table(tasks: dict[str, dict[str, float]]) -> str:
-    """The lm-eval scores as a Markdown table (acc_norm is lm-eval's, per character; acc_norm_tokens is OPT's)."""
-    if not tasks:
-        return ""
-    metrics = sorted({m for scores in tasks.values() for m in scores})
-    rows = "\n".join(f"| {t} | " + " | ".join(f"{tasks[t][m]:.4g}" if m in tasks[t] else "" for m in metrics) + " |" for t in sorted(tasks))
-    return f"""
-## Tasks (lm-evaluation-harness)
-| task | {" | ".join(metrics)} |
-|---|{"---|" * len(metrics)}
-{rows}
-"""
+    tags = mv.tags
+    return Champion(str(mv.version), float(tags.get("opt.eval_perplexity", "inf")), json.loads(tags.get("opt.eval_tasks", "{}")),
+                    json.loads(tags.get("opt.eval_per_source", "{}")))  # fmt: skip
 
 
 def export_weights(ckpt: CommittedCheckpoint, manifest: DatasetManifest, out: Path) -> Path:
@@ -142,10 +81,23 @@ def export_weights(ckpt: CommittedCheckpoint, manifest: DatasetManifest, out: Pa
     return out
 
 
-def write_review_files(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, checks: list[Check], out: Path) -> None:
-    """What a reviewer reads beside the weights: the model card, eval.json, gates.json, the download manifest."""
+def write_review_files(cfg: RunConfig, manifest: DatasetManifest, report: EvalReport, checks: list[Check], out: Path,
+                       champion: Champion | None = None) -> None:  # fmt: skip
+    """What a reviewer reads beside the weights: the model card, the licence, eval.json, gates.json, the download manifest."""
+    from opt.access.licence import licence_text
+    from opt.logbook import Logbook
+    from opt.train.job import run_uri
+
     model_cfg, _ = load_consolidated(out / "consolidated")
-    (out / "README.md").write_text(_model_card(cfg, manifest, report, checks, count_params(model_cfg)))
+    licence = licence_text(cfg.access.licence_file)
+    try:
+        events = Logbook(run_uri(cfg)).read()
+    except (OSError, ValueError) as e:
+        log.warning("could not read the logbook of run %s for the card: %s", cfg.train.run, e)
+        events = []
+    facts = CardFacts(count_params(model_cfg), report, checks, champion, events, licence)
+    (out / "README.md").write_text(render(cfg, manifest, facts))
+    (out / LICENCE_FILE).write_text(licence if licence.endswith("\n") else licence + "\n")
     (out / "eval.json").write_text(report.to_json())
     (out / GATES_FILE).write_text(json.dumps([c.to_dict() for c in checks], indent=2) + "\n")
     files = [
@@ -158,13 +110,14 @@ def write_review_files(cfg: RunConfig, manifest: DatasetManifest, report: EvalRe
 
 def build_export(
     cfg: RunConfig, ckpt: CommittedCheckpoint, manifest: DatasetManifest, report: EvalReport, out: Path
-) -> tuple[Path, list[Check]]:
+) -> tuple[Path, list[Check], Champion | None]:
     """Export the weights, run every gate check (integrity included, against that export), write the review files."""
     export_weights(ckpt, manifest, out)
     integrity = integrity_checks(ckpt, manifest, out, out.parent / "cache") if cfg.registry.gate.check_integrity else []
-    checks = gate(report, cfg, champion_of(cfg.tracking.uri, cfg.model_name), integrity)
-    write_review_files(cfg, manifest, report, checks, out)
-    return out, checks
+    champion = champion_of(cfg.tracking.uri, cfg.model_name)
+    checks = gate(report, cfg, champion, integrity)
+    write_review_files(cfg, manifest, report, checks, out, champion)
+    return out, checks, champion
 
 
 def register(
@@ -191,7 +144,7 @@ def register(
                 c.set_model_version_tag(name, mv.version, "opt.release", "published")
             return Registration(name, str(mv.version), passed_before, reasons_before, access, aliases, reused=True)
 
-    export_dir, checks = build_export(cfg, ckpt, manifest, report, work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}")
+    export_dir, checks, champion = build_export(cfg, ckpt, manifest, report, work_dir / "exports" / cfg.train.run / f"step-{ckpt.step}")
     passed, reasons = passed_all(checks), reasons_of(checks)
     artifact_path = f"registry/step-{ckpt.step}"
     if cfg.access_class == "gated":
@@ -216,9 +169,11 @@ def register(
         "opt.gate": "passed" if passed else "failed",
         "opt.gate_reasons": json.dumps(reasons),
         "opt.eval_tasks": json.dumps(report.tasks, sort_keys=True),
+        "opt.eval_per_source": json.dumps({k: round(v["perplexity"], 4) for k, v in report.per_source.items()}, sort_keys=True),
         "opt.access_class": cfg.access_class,
     }
     mv = c.create_model_version(name, source=source, run_id=mlflow_run_id, tags=tags, description=(export_dir / "README.md").read_text())
+    _log_plots(c, cfg, mlflow_run_id, f"{artifact_path}/plots", report, champion, str(mv.version))
     if cfg.access_class == "gated":
         publish_gated(cfg, str(mv.version), export_dir, passed, reasons)
         c.set_model_version_tag(name, mv.version, "opt.release", "published")  # the access service holds the weights now
@@ -232,6 +187,19 @@ def register(
             promote(cfg.tracking.uri, name, str(mv.version), CHAMPION, "passed every gate (registry.gate.auto_promote)", actor="registry")
             aliases.append(CHAMPION)
     return Registration(name, str(mv.version), passed, reasons, cfg.access_class, aliases)
+
+
+def _log_plots(c: object, cfg: RunConfig, run_id: str, artifact_dir: str, report: EvalReport, champion: Champion | None,
+               version: str) -> None:  # fmt: skip
+    from opt.logbook import Logbook
+    from opt.registry.plots import log_plots
+    from opt.train.job import run_uri
+
+    try:
+        spikes = [int(e["step"]) for e in Logbook(run_uri(cfg)).read() if e["event"] == "spike" and "step" in e]
+    except (OSError, ValueError):
+        spikes = []
+    log_plots(c, run_id, artifact_dir, report, champion, spikes, f"{cfg.model_name} v{version}")
 
 
 def publish_gated(cfg: RunConfig, version: str, export_dir: Path, gate_passed: bool = True, gate_reasons: list[str] | None = None) -> None:

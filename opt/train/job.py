@@ -108,7 +108,7 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         run_file, json.dumps({"run": cfg.train.run, "dataset_id": manifest.dataset_id, "mlflow_run_id": mlflow_run_id}, indent=2)
     )
     _save_config(cfg, uri, logbook)
-    _log_config(cfg, mlflow_run_id)
+    _log_config(cfg, mlflow_run_id, manifest)
     existing = latest_committed(uri, on_skip=lambda bad, why: logbook.append("checkpoint_skipped", uri=bad, reason=why))
     if existing is not None and existing.step >= cfg.train.max_steps:
         log.info("run %s already has a committed checkpoint at step %d; nothing to train", cfg.train.run, existing.step)
@@ -340,10 +340,12 @@ def _save_config(cfg: RunConfig, uri: str, logbook: Logbook) -> None:
     storage.write_text(path, new)
 
 
-def _log_config(cfg: RunConfig, mlflow_run_id: str) -> None:
-    from opt.tracking import client
+def _log_config(cfg: RunConfig, mlflow_run_id: str, manifest: DatasetManifest) -> None:
+    """The resolved config and the data lineage (dataset and raw inputs as MLflow inputs) go to the run."""
+    from opt.tracking import client, log_dataset_inputs
 
     try:
         client(cfg.tracking.uri).log_text(mlflow_run_id, cfg.to_yaml(), "config.yaml")
+        log_dataset_inputs(cfg.tracking.uri, mlflow_run_id, manifest)
     except Exception as e:  # tracking never blocks training
-        log.warning("could not log the resolved config to MLflow: %s", e)
+        log.warning("could not log the resolved config and dataset to MLflow: %s", e)
