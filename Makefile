@@ -19,11 +19,11 @@ export TOKENIZERS_PARALLELISM = false
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# System packages the tests drive (not `make run`): Debian's chromium, for pages checked in headless Chromium.
-# apt-get needs root; without it, the line says what to install.
-SYSTEM_PACKAGES := chromium
+# System packages the tests drive (not `make run`): Debian's chromium (pages checked in headless Chromium) and
+# PostgreSQL's server (the access database's tests start one). apt-get needs root; without it, the line says what to install.
+SYSTEM_PACKAGES := chromium postgresql
 system-packages:
-	@if command -v chromium >/dev/null; then :; \
+	@if command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "install Debian's $(SYSTEM_PACKAGES) (as root: apt-get install $(SYSTEM_PACKAGES)), then run make again" >&2; exit 1; fi

@@ -278,3 +278,63 @@ def local_path(uri: str, cache_dir: str | Path) -> Path:
     if not dst.exists():
         get_file(uri, dst)
     return dst
+
+
+def write_if_unchanged(uri: str, data: bytes | None, expected: bytes | None) -> bool:
+    """Compare-and-swap: write `data` (None: delete) only if the object now holds exactly `expected` (None: absent).
+
+    True when written. Locally the check and the write happen under an exclusive lock on a hidden file beside the
+    object; on S3 they are one conditional request (`If-None-Match: *` to create, `If-Match: <etag>` to replace or
+    delete), so two writers racing on the same object cannot both succeed.
+    """
+    if is_s3(uri):
+        return _s3_write_if_unchanged(uri, data, expected)
+    import fcntl
+
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{TMP_PREFIX}{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = path.read_bytes() if path.exists() else None
+        except OSError as e:
+            raise StorageError(f"{uri}: read failed: {e.strerror or e}") from e
+        if current != expected:
+            return False
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_bytes(uri, data)
+        return True
+
+
+def _s3_write_if_unchanged(uri: str, data: bytes | None, expected: bytes | None) -> bool:
+    bucket, key = split_s3(uri)
+    client = s3_client()
+
+    def code(e: Exception) -> str:
+        return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+    try:
+        if expected is None:
+            if data is None:
+                return not exists(uri)
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        try:
+            got = client.get_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            if code(e) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        if got["Body"].read() != expected:
+            return False
+        if data is None:
+            client.delete_object(Bucket=bucket, Key=key, IfMatch=got["ETag"])
+        else:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=got["ETag"])
+        return True
+    except Exception as e:
+        if code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return False
+        raise StorageError(f"{uri}: conditional write failed: {e}") from e

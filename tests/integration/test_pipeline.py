@@ -74,12 +74,15 @@ def test_mlflow_holds_no_gated_weights(pipeline_run):
         return out
 
     step = summary["train"]["checkpoint"].rsplit("-", 1)[1]
-    assert sorted(p.rsplit("/", 1)[1] for p in walk(f"registry/step-{step}")) == [
+    assert sorted(p.split(f"registry/step-{step}/", 1)[1] for p in walk(f"registry/step-{step}")) == [
         "LICENCE.txt",
         "README.md",
         "download_manifest.json",
         "eval.json",
         "gates.json",
+        "plots/perplexity_by_source.png",
+        "plots/tasks.png",
+        "plots/training.png",
     ]
     weights = [p for p in (root / "mlartifacts").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".distcp")]
     assert weights == []  # a walk over MLflow's artifact store: no weight file of any version
