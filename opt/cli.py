@@ -428,8 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every API call at INFO
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from opt.train.interrupts import TrainingInterrupted
+
     try:
         args.func(args)
+    except TrainingInterrupted as e:  # not an error: what stopped, what survived, how to go on
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except OptError as e:
         if args.verbose:
             raise

@@ -130,6 +130,11 @@ class TrainConfig(Section):
     """Custom Ray resources per worker (e.g. `{trainer_slot: 1}`), besides CPUs and GPUs."""
     ray_address: str | None = None
     """Ray cluster address; None starts (or joins) a local instance."""
+    ray_connect_timeout_s: float = Field(15.0, gt=0)
+    """A `ray_address` that does not answer within this long is refused in one line (Ray itself retries for minutes)."""
+    lease_ttl_s: float = Field(120.0, ge=5)
+    """The run lease outlives its holder's last heartbeat by this long: a second trainer on the run is refused
+    until then; after it, a dead holder's lease is taken over."""
     max_failures: int = Field(3, ge=0)
     """Restarts allowed in a row without a new committed checkpoint; one more failure stops the run.
     A run that makes progress between failures keeps going (OPT-175B restarted over 100 times)."""

@@ -98,12 +98,23 @@ def get_or_create_run(
     c = client(tracking_uri)
     if existing_run_id:
         try:
-            c.get_run(existing_run_id)
-            return existing_run_id
+            run = c.get_run(existing_run_id)
         except Exception:
             log.warning("MLflow run %s not found at %s; starting a new one", existing_run_id, tracking_uri)
+        else:
+            if run.info.status != "RUNNING":  # resumed: it runs again until it ends
+                c.update_run(existing_run_id, status="RUNNING")
+            return existing_run_id
     exp_id = get_or_create_experiment(tracking_uri, experiment, artifact_root)
     return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark the MLflow run FINISHED, FAILED or KILLED (the UI shows it ended); a tracking outage only warns."""
+    try:
+        client(tracking_uri).set_terminated(run_id, status=status)
+    except Exception as e:
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(e).splitlines()[0][:200])
 
 
 class MetricsBuffer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from opt.data.manifest import DatasetManifest
 from opt.errors import OptError
 from opt.logbook import Logbook
 from opt.train.checkpoint import CommittedCheckpoint, latest_committed, read_trainer_state
+from opt.train.interrupts import Interrupt, TrainingInterrupted, abort_then_raise, raise_if_stopped, stop_signals_raise
+from opt.train.lease import acquire, describe
+from opt.train.preflight import check_ray_address, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,19 @@ def _job_env(t: TrainConfig) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in taken}
 
 
+def ray_ready() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
+
+
 def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
-    """Start or resume run `cfg.train.run` on `manifest`'s dataset; returns its final committed checkpoint."""
-    from opt.tracking import get_or_create_run
-    from opt.train.optim import hparams  # imports torch: not at module level (opt.stages stays light)
+    """Start or resume run `cfg.train.run` on `manifest`'s dataset; returns its final committed checkpoint.
+
+    Everything that can be refused is refused before Ray starts: another trainer holding the run's lease, a
+    checkpoint of another architecture, TP degree or FSDP, an unreachable Ray address. SIGINT and SIGTERM stop
+    it cleanly (TrainingInterrupted); MLflow's run ends FINISHED, FAILED or KILLED with it.
+    """
     from opt.train.recipe import resolve
 
     t = cfg.train
@@ -96,6 +109,39 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
             f"run {cfg.train.run!r} was trained on dataset {previous['dataset_id']}, not {manifest.dataset_id}; "
             "choose a new run name (train.run=...) to train on the new data"
         )
+    # one trainer per run: taken before anything of the run is written, renewed while it trains
+    with stop_signals_raise() as signals, acquire(uri, "optctl train", t.lease_ttl_s) as lease:
+        if lease.taken_over:
+            logbook.append("lease_taken_over", previous_holder=describe(lease.taken_over), previous_command=lease.taken_over.get("command"))
+        if signals:
+
+            def lost(holder: str) -> None:  # a trainer that lost its lease stops as if interrupted
+                logbook.append("lease_lost", holder=holder)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            lease.on_lost = lost
+        existing = latest_committed(uri, on_skip=lambda bad, why: logbook.append("checkpoint_skipped", uri=bad, reason=why))
+        if existing is not None:
+            check_resume(cfg, cfg.model.build(manifest.vocab_size, manifest.seq_len), read_trainer_state(existing), existing.uri)
+        try:
+            return _train_leased(cfg, manifest, recipe, uri, logbook, previous, existing)
+        except Interrupt as sig:
+            newest = latest_committed(uri)
+            where = f"newest committed checkpoint {newest.uri} (step {newest.step})" if newest else "no committed checkpoint yet"
+            logbook.append("interrupted", signal=sig.name, step=newest.step if newest else 0, checkpoint=newest.uri if newest else None)
+            raise TrainingInterrupted(f"training run {t.run!r} stopped by {sig.name}: {where}; the same command resumes it",
+                                      sig.signum) from None  # fmt: skip
+
+
+def _train_leased(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str, logbook: Logbook, previous: dict,
+                  existing: CommittedCheckpoint | None) -> TrainResult:  # fmt: skip
+    """The rest of `train`, holding the run's lease, the checkpoint to resume (if any) already checked."""
+    from opt.tracking import end_run, get_or_create_run
+    from opt.train.optim import hparams
+
+    t = cfg.train
+    if not ray_ready():
+        check_ray_address(t.ray_address, t.ray_connect_timeout_s)
     mlflow_run_id = get_or_create_run(
         cfg.tracking.uri,
         cfg.tracking.experiment,
@@ -105,19 +151,30 @@ def train(cfg: RunConfig, manifest: DatasetManifest) -> TrainResult:
         tags={"opt.run": cfg.train.run, "opt.dataset_id": manifest.dataset_id, "opt.preset": cfg.model.preset},
     )
     storage.write_text(
-        run_file, json.dumps({"run": cfg.train.run, "dataset_id": manifest.dataset_id, "mlflow_run_id": mlflow_run_id}, indent=2)
+        storage.join(uri, RUN_FILE),
+        json.dumps({"run": cfg.train.run, "dataset_id": manifest.dataset_id, "mlflow_run_id": mlflow_run_id}, indent=2),
     )
     _save_config(cfg, uri, logbook)
     _log_config(cfg, mlflow_run_id, manifest)
-    existing = latest_committed(uri, on_skip=lambda bad, why: logbook.append("checkpoint_skipped", uri=bad, reason=why))
     if existing is not None and existing.step >= cfg.train.max_steps:
         log.info("run %s already has a committed checkpoint at step %d; nothing to train", cfg.train.run, existing.step)
+        end_run(cfg.tracking.uri, mlflow_run_id, "FINISHED")
         return TrainResult(uri, mlflow_run_id, existing, {})
-    if existing is not None and (saved_tp := read_trainer_state(existing).get("tensor_parallel", 1)) != t.tensor_parallel:
-        raise TrainingError(
-            f"run {t.run!r} was trained with train.tensor_parallel={saved_tp}; resume it with the same value "
-            "(train.num_workers may change), or start a new run"
-        )
+    status = "FAILED"
+    try:
+        result = _train_from(cfg, manifest, recipe, uri, logbook, existing, mlflow_run_id, hparams)
+        status = "FINISHED"
+        return result
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (Interrupt, KeyboardInterrupt)) else "FAILED"
+        raise
+    finally:
+        end_run(cfg.tracking.uri, mlflow_run_id, status)
+
+
+def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str, logbook: Logbook,
+                existing: CommittedCheckpoint | None, mlflow_run_id: str, hparams: Any) -> TrainResult:  # fmt: skip
+    t = cfg.train
     if existing is not None:
         _record_changes(read_trainer_state(existing), hparams(t, recipe.lr), existing.step, logbook, mlflow_run_id, cfg)
     logbook.append(
@@ -220,7 +277,11 @@ def _fit_with_restarts(cfg: RunConfig, payload: dict, logbook: Logbook) -> Any:
             run_config=run_config,
         )
         try:
-            return trainer.fit()
+            try:
+                result = trainer.fit()
+            finally:
+                raise_if_stopped()  # our abort on a stop signal ends fit() one way or another: say why
+            return result
         except TrainingFailedError as e:
             cause = e.controller_failure if isinstance(e, ControllerError) else None
             if isinstance(cause, _GiveUp):
@@ -258,6 +319,10 @@ def _trainer_class() -> Any:
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, DatasetsCallback)]
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            # Ray's own aborts the run and exits 0 from inside the handler; ours aborts it, then raises Interrupt
+            abort_then_raise(controller)
 
     return Trainer
 

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,8 @@ class Lease:
     taken_over: dict[str, Any] | None = None
     """The expired lease this one replaced (its holder died or lost its storage), if any."""
     lost: threading.Event = field(default_factory=threading.Event)
+    on_lost: Callable[[str], Any] | None = None
+    """Called (from the heartbeat thread) with the new holder when another trainer took the lease over."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _text: str = ""
@@ -64,7 +67,13 @@ class Lease:
             return True
         if not ok:
             self.lost.set()
-            log.error("the run lease %s was taken over by another trainer; this one must stop", self.uri)
+            try:
+                holder = describe(json.loads(storage.read_text(self.uri)))
+            except (storage.StorageError, ValueError):
+                holder = "nobody (the lease is gone)"
+            log.error("the run lease %s is held by %s now; this trainer stops", self.uri, holder)
+            if self.on_lost is not None:
+                self.on_lost(holder)
             return False
         self.record, self._text = new, text
         return True
