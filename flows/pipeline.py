@@ -63,6 +63,6 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
     return {
         "dataset": {"id": manifest["dataset_id"], "uri": manifest["uri"], "reused": data["reused"]},
         "train": trained,
-        "eval": {"perplexity": report["perplexity"], "loss": report["loss"], "tokens": report["tokens"]},
+        "eval": {"perplexity": report["perplexity"], "loss": report["loss"], "tokens": report["tokens"], "tasks": report.get("tasks", {})},
         "registration": registration,
     }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import typing
@@ -58,6 +57,9 @@ def cmd_data_prep(args: argparse.Namespace) -> None:
             raise OptError(str(e)) from None
         args.overrides.append(f"data.sources={json.dumps(specs)}")
     if args.out:
+        from opt.cli_tools import writable_folder
+
+        writable_folder(args.out, "--out")
         args.overrides.append(f"storage.root={args.out}")
     if args.workers is not None:
         args.overrides.append(f"data.workers={args.workers}")
@@ -80,6 +82,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _load(args)
     result = stages.train(cfg)
     print(f"run {cfg.train.run}: committed checkpoint {result.checkpoint.uri} (step {result.checkpoint.step})")
+    from opt.console import log_file
+
+    if (path := log_file()) is not None:
+        print(f"log: {path}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -113,9 +119,13 @@ def cmd_eval_pending(args: argparse.Namespace) -> None:
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from opt.cli_tools import writable_folder
     from opt.eval.harness import harness_lm_class
     from opt.eval.suite import run_tasks, summary, write_results
 
+    if Path(args.out).is_dir():
+        raise OptError(f"--out {args.out} is a folder; name the results file, e.g. {Path(args.out) / 'results.json'}")
+    writable_folder(str(Path(args.out).parent), "--out")
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise OptError("--tasks names no task; give lm-eval task names separated by commas (e.g. pydocs_choice,pydocs_cloze)")
@@ -158,14 +168,34 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         from flows.pipeline import pipeline
 
         summary = pipeline(args.config, list(args.overrides) + ([f"train.run={args.run}"] if args.run else []))
-    _print_json(summary)
+    if args.json:
+        _print_json(summary)
+        return
+    _print_summary(summary)
     _where_to_look(cfg, summary)
+
+
+def _print_summary(summary: dict) -> None:
+    """The figures that matter, as lines a person reads (`--json` prints the whole summary instead)."""
+    d, t, e, r = summary["dataset"], summary["train"], summary["eval"], summary["registration"]
+    print(f"\ndataset     {d['id']} ({'reused' if d['reused'] else 'prepared'})")
+    print(f"training    step {t['step']}: {t['checkpoint']}")
+    print(f"evaluation  validation perplexity {e['perplexity']:.2f}")
+    tasks = e.get("tasks") or {}
+    for task, m in sorted(tasks.items()):
+        print(f"            {task:<20} " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(m.items()) if k != "n"))
+    verdict = "passed" if r["gate_passed"] else "FAILED: " + "; ".join(r.get("reasons") or [])
+    print(
+        f"registered  {r['name']} v{r['version']}: gate {verdict}; aliases {', '.join(r['aliases']) or 'none'}; access {r['access_class']}"
+    )
 
 
 def _where_to_look(cfg: Any, summary: dict) -> None:
     from opt.tracking import ui_links
 
     reg = summary["registration"]
+    from opt.console import log_file
+
     print("\nWhere to look:")
     print(f"  dataset manifest   {summary['dataset']['uri']}/manifest.json")
     print(f"  run + checkpoints  {summary['train']['run_uri']}  (logbook: optctl logbook show {cfg.train.run})")
@@ -175,124 +205,8 @@ def _where_to_look(cfg: Any, summary: dict) -> None:
     print(f"  MLflow UI          .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.uri} --port 5000, then open")
     for url, what in ui_links("http://127.0.0.1:5000", cfg.tracking.uri, cfg.tracking.experiment, reg["name"], reg["version"]):
         print(f"                     {url}  ({what})")
-
-
-# --- model ---------------------------------------------------------------------------------------------
-
-
-def cmd_model_info(args: argparse.Namespace) -> None:
-    from opt.model import OPTConfig
-    from opt.model.plan import describe, memory_per_gpu
-
-    cfg = OPTConfig.preset(args.preset)
-    plan = memory_per_gpu(cfg, args.gpus, args.tp, args.sharding, args.micro_batch, args.seq_len, not args.no_activation_checkpointing)
-    print(describe(args.preset, cfg, plan, args.seq_len))
-
-
-def cmd_import_hf(args: argparse.Namespace) -> None:
-    from opt.model.hf import import_hf
-
-    print(f"wrote {import_hf(args.src, args.dst)}")
-
-
-def cmd_export_hf(args: argparse.Namespace) -> None:
-    from opt.model.hf import export_hf
-
-    print(f"wrote {export_hf(args.src, args.dst, args.tokenizer)}")
-
-
-def cmd_model_export(args: argparse.Namespace) -> None:
-    from opt import stages
-    from opt.train.export import export_consolidated
-    from opt.train.job import work_dir
-
-    cfg = _load(args)
-    ckpt = stages.checkpoint(cfg, args.step)
-    print(f"wrote {export_consolidated(ckpt, args.out, work_dir(cfg) / 'cache')} from {ckpt.uri}")
-
-
-# --- plan ----------------------------------------------------------------------------------------------
-
-
-def cmd_plan(args: argparse.Namespace) -> None:
-    from opt.train.reliability import format_plan, plan_for
-
-    cfg = _load(args)
-    given = {
-        "hosts": args.hosts,
-        "gpus_per_host": args.gpus_per_host,
-        "host_failures_per_day": args.failures_per_day,
-        "checkpoint_s": args.checkpoint_s,
-        "restart_s": args.restart_s,
-        "mfu": args.mfu,
-        "peak_tflops": args.peak_tflops,
-        "write_gb_per_s_per_host": args.write_gb_per_s,
-        "trials": args.trials,
-    }
-    try:  # unset flags keep plan_for's OPT-175B defaults
-        plan = plan_for(cfg, **{k: v for k, v in given.items() if v is not None})
-    except ValueError as e:
-        raise OptError(str(e)) from None
-    print(format_plan(plan))
-    print(json.dumps(plan.to_dict(), sort_keys=True))
-
-
-# --- logbook -------------------------------------------------------------------------------------------
-
-
-def cmd_logbook_show(args: argparse.Namespace) -> None:
-    from opt import storage
-    from opt.logbook import Logbook, render_markdown
-
-    cfg = _load(args)
-    book = Logbook(storage.join(cfg.storage.root, "runs", args.run_name))
-    events = book.read()
-    if not events:
-        raise OptError(f"run {args.run_name!r} has no logbook at {book.uri}")
-    print(render_markdown(args.run_name, events))
-
-
-def cmd_registry_promote(args: argparse.Namespace) -> None:
-    import getpass
-
-    from opt.registry.promote import promote
-
-    cfg = _load(args)
-    entry = promote(cfg.tracking.uri, args.name, args.version, args.alias, args.reason, args.override, args.by or getpass.getuser(),
-                    cfg.access)  # fmt: skip
-    was = f" (was v{entry['previous']})" if entry["previous"] else ""
-    forced = f"; gates overridden: {entry['override']}" if entry["override"] else ""
-    print(f"{args.name} v{args.version} is now {args.alias}{was}, by {entry['by']} at {entry['at']}{forced}")
-
-
-def cmd_registry_compare(args: argparse.Namespace) -> None:
-    from opt.access.names import terminal_safe
-    from opt.registry.promote import compare
-
-    rows = compare(_load(args).tracking.uri, args.name, args.a, args.b)
-    width = max(len(r[0]) for r in rows)
-    print(f"{'':<{width}}  {'v' + args.a:<14} v{args.b}")
-    for key, a, b in rows:
-        print(f"{terminal_safe(key):<{width}}  {terminal_safe(a):<14} {terminal_safe(b)}")
-
-
-def cmd_registry_history(args: argparse.Namespace) -> None:
-    from opt.registry.promote import history_of
-
-    for e in history_of(_load(args).tracking.uri, args.name, args.alias):
-        forced = f" OVERRIDE: {e['override']}" if e.get("override") else ""
-        print(f"{e['at']}  v{e['version']:<5} by {e['by']:<16} {e['reason']}{forced}")
-
-
-def cmd_logbook_note(args: argparse.Namespace) -> None:
-    from opt import storage
-    from opt.logbook import Logbook
-
-    cfg = _load(args)
-    entry = Logbook(storage.join(cfg.storage.root, "runs", args.run_name)).append(
-        "note", text=args.text, author=os.environ.get("USER", "unknown")
-    )
-    print(f"noted at {entry['ts']}")
+    if (path := log_file()) is not None:
+        print(f"  this command's log {path}  (Ray, Prefect and MLflow output; -v shows it here)")
 
 
 # --- parser --------------------------------------------------------------------------------------------
@@ -341,93 +255,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = pipe.add_parser("run", help="data prep -> train -> eval -> register, as a Prefect flow")
     _config_args(p, run=True)
     p.add_argument("--no-prefect", action="store_true", help="run the stages directly, without Prefect")
+    p.add_argument("--json", action="store_true", help="print the whole summary as JSON instead")
     p.set_defaults(func=cmd_pipeline)
 
-    model = sub.add_parser("model", help="model presets, planning and conversion").add_subparsers(dest="model_cmd", required=True)
-    p = model.add_parser("info", help="parameters, FLOPs per token and memory per GPU of a preset")
-    p.add_argument("preset")
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--sharding", default="full", choices=["full", "grad_op", "none"])
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--no-activation-checkpointing", action="store_true")
-    p.set_defaults(func=cmd_model_info)
-    p = model.add_parser("import-hf", help="Hugging Face save_pretrained dir -> consolidated checkpoint")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.set_defaults(func=cmd_import_hf)
-    p = model.add_parser("export-hf", help="consolidated checkpoint -> Hugging Face dir")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--tokenizer", help="tokenizer.json to ship with the export")
-    p.set_defaults(func=cmd_export_hf)
-    p = model.add_parser("export", help="sharded training checkpoint -> consolidated checkpoint")
-    _config_args(p, run=True, step=True)
-    p.add_argument("out")
-    p.set_defaults(func=cmd_model_export)
+    from opt.cli_tools import add_tool_commands
 
-    p = sub.add_parser("plan", help="checkpoint interval and goodput under host failures at cluster scale (default: OPT-175B's)")
-    _config_args(p)
-    p.add_argument("--hosts", type=int, help="hosts in the cluster (default 124, OPT-175B's)")
-    p.add_argument("--gpus-per-host", type=int, help="GPUs per host (default 8)")
-    p.add_argument("--failures-per-day", type=float, help="failures per HOST per day (default 2/124: OPT-175B's ~2 a day over 124 hosts)")
-    p.add_argument("--checkpoint-s", type=float, help="seconds to write a checkpoint (default: state size / write bandwidth)")
-    p.add_argument("--write-gb-per-s", type=float, help="checkpoint write bandwidth per host in GB/s, for the estimate (default 1)")
-    p.add_argument("--restart-s", type=float, help="seconds from a failure to training again (default 600)")
-    p.add_argument("--mfu", type=float, help="model FLOPs utilisation (default 0.45)")
-    p.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s per GPU (default 312, A100 bf16)")
-    p.add_argument("--trials", type=int, help="Monte Carlo trials (default 1000)")
-    p.set_defaults(func=cmd_plan)
-
-    reg = sub.add_parser("registry", help="promotion and comparison of registered versions").add_subparsers(
-        dest="registry_cmd", required=True
-    )
-    p = reg.add_parser("promote", help="point an alias (champion) at a version, recording who, when and why")
-    p.add_argument("name")
-    p.add_argument("version")
-    p.add_argument("--alias", default="champion")
-    p.add_argument("--reason", required=True)
-    p.add_argument("--override", metavar="REASON", help="promote a version whose gates failed, and say why")
-    p.add_argument("--by", help="who promotes (default: your login name)")
-    _config_args(p)
-    p.set_defaults(func=cmd_registry_promote)
-    p = reg.add_parser("compare", help="two versions side by side: every task, check and tag")
-    p.add_argument("name")
-    p.add_argument("a")
-    p.add_argument("b")
-    _config_args(p)
-    p.set_defaults(func=cmd_registry_compare)
-    p = reg.add_parser("history", help="every promotion to an alias, oldest first")
-    p.add_argument("name")
-    p.add_argument("--alias", default="champion")
-    _config_args(p)
-    p.set_defaults(func=cmd_registry_history)
-
-    book = sub.add_parser("logbook", help="the run logbook").add_subparsers(dest="logbook_cmd", required=True)
-    p = book.add_parser("show", help="render a run's logbook as Markdown")
-    p.add_argument("run_name")
-    _config_args(p)
-    p.set_defaults(func=cmd_logbook_show)
-    p = book.add_parser("note", help="add a note to a run's logbook")
-    p.add_argument("run_name")
-    p.add_argument("text")
-    _config_args(p)
-    p.set_defaults(func=cmd_logbook_note)
-
+    add_tool_commands(sub, _config_args)
     from opt.access.cli import add_access_commands
 
     add_access_commands(sub, _config_args)
     return parser
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def _split_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """`-v/--verbose` anywhere on the line (before a `--`), not only before the subcommand."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
+    return rest, len(rest) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, verbose = _split_verbose(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every API call at INFO
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    args.verbose = args.verbose or verbose
+    from opt.console import command
+
+    with command(args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from opt.train.interrupts import TrainingInterrupted
 
     try:
@@ -439,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `optctl ... | head`: the reader is gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # a path the command could not read or write: which one, and why
+        if args.verbose:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path (or run with -v for details)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; committed checkpoints and prepared data are kept, re-run the same command to resume", file=sys.stderr)

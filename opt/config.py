@@ -25,7 +25,7 @@ class ConfigError(OptError, ValueError):
 
 class Section(BaseModel):
     # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class StorageConfig(Section):

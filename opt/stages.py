@@ -41,7 +41,11 @@ class PipelineSummary:
 def prepare_data(cfg: RunConfig, progress: bool = False) -> tuple[DatasetManifest, bool]:
     from opt.data.prep import prepare_dataset
 
-    return prepare_dataset(cfg.data, cfg.storage.root, progress=progress)
+    log.info("data prep: %d source(s) -> %s", len(cfg.data.sources), cfg.storage.root)
+    manifest, reused = prepare_dataset(cfg.data, cfg.storage.root, progress=progress)
+    log.info("data prep: dataset %s %s (%s training tokens)", manifest.dataset_id, "reused" if reused else "prepared",
+             f"{manifest.train_tokens:,}")  # fmt: skip
+    return manifest, reused
 
 
 def find_dataset(cfg: RunConfig) -> DatasetManifest:
@@ -60,7 +64,10 @@ def find_dataset(cfg: RunConfig) -> DatasetManifest:
 def train(cfg: RunConfig, manifest: DatasetManifest | None = None) -> TrainResult:
     from opt.train.job import train as run_training
 
-    return run_training(cfg, manifest or find_dataset(cfg))
+    log.info("training: run %s to step %d on %d workers", cfg.train.run, cfg.train.max_steps, cfg.train.num_workers)
+    result = run_training(cfg, manifest or find_dataset(cfg))
+    log.info("training: run %s committed step %d", cfg.train.run, result.checkpoint.step)
+    return result
 
 
 def _run_record(cfg: RunConfig) -> dict:
@@ -73,10 +80,17 @@ def _run_record(cfg: RunConfig) -> dict:
 def checkpoint(cfg: RunConfig, step: int | None = None) -> CommittedCheckpoint:
     """The newest committed checkpoint of the run, or the one at `step` (verified)."""
     if step is not None:
+        from opt.train.checkpoint import committed_steps
+
+        steps = sorted(committed_steps(run_uri(cfg)))
+        if step not in steps:
+            have = f"its committed steps: {', '.join(map(str, steps))}" if steps else "it has no committed checkpoint yet"
+            raise StageError(f"run {cfg.train.run!r} has no committed checkpoint at step {step}; {have}")
         try:
             return verify(step_uri(run_uri(cfg), step))
         except (OSError, ValueError, KeyError) as e:
-            raise StageError(f"run {cfg.train.run!r} has no valid committed checkpoint at step {step}: {e}") from None
+            raise StageError(f"run {cfg.train.run!r}: the checkpoint at step {step} does not verify ({e}); choose another of "
+                             f"its committed steps: {', '.join(map(str, steps))}") from None  # fmt: skip
     ckpt = latest_committed(run_uri(cfg))
     if ckpt is None:
         raise StageError(f"run {cfg.train.run!r} has no committed checkpoint; run `optctl train` first")
@@ -92,6 +106,7 @@ def evaluate(cfg: RunConfig, step: int | None = None, manifest: DatasetManifest 
     manifest = manifest or load_manifest(storage.join(cfg.storage.root, "datasets", record["dataset_id"]))
     e = cfg.eval
     tasks = TaskRun(e.task_names(cfg.model.preset), e.include_path, e.num_fewshot, e.limit, e.batch_tokens)
+    log.info("evaluation: step %d (perplexity per source%s)", ckpt.step, f"; tasks {', '.join(tasks.names)}" if tasks.names else "")
     report = run_eval(ckpt, manifest, work_dir(cfg) / "cache", e.batch_size, e.max_batches, tasks)
     log_to_mlflow(report, cfg.tracking.uri, record["mlflow_run_id"])
     return report
@@ -128,6 +143,7 @@ def register(cfg: RunConfig, step: int | None = None) -> Registration:
     if not storage.exists(eval_uri):
         raise StageError(f"checkpoint {ckpt.uri} has not been evaluated; run `optctl eval` first")
     report = EvalReport(**json.loads(storage.read_text(eval_uri)))
+    log.info("registration: step %d of run %s as %s", ckpt.step, cfg.train.run, cfg.model_name)
     return run_register(cfg, ckpt, manifest, report, record["mlflow_run_id"], work_dir(cfg))
 
 

@@ -162,6 +162,9 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
+    from opt.cli_tools import writable_folder
+
+    writable_folder(args.out, "--out")  # before asking the service for anything
     c = _client(args)
     files = c.download(args.model, args.version, Path(args.out), public_key=args.public_key or os.environ.get(PUBLIC_KEY_ENV),
                        workers=args.workers, progress=not args.no_progress)  # fmt: skip

@@ -32,7 +32,7 @@ def parse_source_spec(spec: str, taken: set[str]) -> dict[str, str]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class FilterConfig(_Section):

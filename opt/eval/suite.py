@@ -44,10 +44,13 @@ def run_tasks(lm: Any, tasks: list[str], include_path: str | None = None, num_fe
     if unknown:
         raise EvalTaskError(f"unknown lm-eval task(s): {', '.join(unknown)}; bundled ones are {', '.join(_bundled())}, "
                             "or add a folder of task YAMLs with --include-path")  # fmt: skip
+    from opt.console import quiet, stderr_to_log_file
+
     try:
-        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                  log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, bootstrap_iters=0)  # fmt: skip
+        with stderr_to_log_file(quiet()):  # lm-eval's own progress bars: not on the terminal of a quiet optctl
+            results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                      log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed, bootstrap_iters=0)  # fmt: skip
     except (ConnectionError, OSError) as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if any(w in str(e).lower() for w in ("offline", "connect", "resolve")):

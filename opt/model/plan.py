@@ -80,13 +80,21 @@ def memory_per_gpu(
     return MemoryPlan(n, gpus, tensor_parallel, dp, sharding, w / GiB, g / GiB, o / GiB, act / GiB)
 
 
+def _count(n: float) -> str:
+    """1.3B, 125.2M, 239.5K: three significant figures in the unit that fits."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{int(n)}"
+
+
 def describe(name: str, cfg: OPTConfig, plan: MemoryPlan, seq_len: int | None = None) -> str:
     """Human-readable summary used by `optctl model info`."""
     flops = train_flops_per_token(cfg, seq_len)
     lines = [
         f"OPT-{name}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, ffn {cfg.ffn_dim}, "
         f"vocab {cfg.vocab_size}, {'pre' if cfg.pre_ln else 'post'}-LN",
-        f"parameters        {plan.params:,} ({plan.params / 1e9:.2f}B)",
+        f"parameters        {plan.params:,} ({_count(plan.params)})",
         f"train FLOPs/token {flops:.3e} (6N + 12*L*C*T at T={seq_len or cfg.max_seq_len})",
         f"layout            {plan.gpus} GPUs = TP {plan.tensor_parallel} x DP {plan.data_parallel}, sharding {plan.sharding}",
         "memory per GPU (GiB):",

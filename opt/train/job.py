@@ -52,8 +52,13 @@ def _ray_init(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    # A local instance by default; a cluster by address. Quiet logs: the trainer prints its own progress.
-    ray.init(address=cfg.train.ray_address, configure_logging=False, runtime_env={"env_vars": _job_env(cfg.train)})
+    from opt.console import quiet, stderr_to_log_file
+
+    # A local instance by default; a cluster by address. Quiet (optctl without -v): the driver prints its own
+    # progress; the workers' output and Ray's C++ start-up lines go to the command's log file
+    with stderr_to_log_file(quiet()):
+        ray.init(address=cfg.train.ray_address, configure_logging=False, log_to_driver=not quiet(),
+                 runtime_env={"env_vars": _job_env(cfg.train)})  # fmt: skip
 
 
 def _job_env(t: TrainConfig) -> dict[str, str]:
@@ -203,6 +208,11 @@ def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str
 
     # rank 0 of every attempt hands its metrics to this one actor (no MLflow client on the restart path)
     sink = start_sink(cfg.tracking.uri, mlflow_run_id, spill_path(scratch / "cache", mlflow_run_id))
+    from opt.console import quiet
+    from opt.train.progress import Progress
+
+    # with Ray's worker output off the terminal, the driver says how far training is
+    progress = Progress(sink, t.run, t.max_steps).start() if quiet() else None
     try:
         result = _fit_with_restarts(cfg, {**payload, "metrics_sink": sink}, logbook)
     except TrainingError:
@@ -213,6 +223,8 @@ def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str
         _log_logbook(cfg, uri, mlflow_run_id, logbook)
         raise TrainingError(f"training run {t.run!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     finally:
+        if progress is not None:
+            progress.stop()
         if not close_sink(sink):
             log.warning("some metrics could not be sent to MLflow yet; the next run of %s sends them", t.run)
     final = latest_committed(uri)

@@ -3,9 +3,9 @@
 A trainer takes `<run>/LEASE.json` before it writes anything of the run and renews it (a heartbeat) while it
 trains. A second trainer on the same run is refused at once with the holder's host, pid and start, and how to
 take over. A holder that died stops renewing, so its lease expires after `ttl_s` and the next trainer takes it
-over (recorded in the logbook). Taking, renewing and releasing are compare-and-swap writes
-(`storage.write_if_unchanged`: a lock file locally, a conditional PUT on S3), so two trainers that race for a
-free or expired lease cannot both win.
+over (recorded in the logbook); one that died on this host (its pid is gone) is taken over at once. Taking,
+renewing and releasing are compare-and-swap writes (`storage.write_if_unchanged`: a lock file locally, a
+conditional PUT on S3), so two trainers that race for a free or expired lease cannot both win.
 """
 
 from __future__ import annotations
@@ -110,6 +110,19 @@ def describe(holder: dict[str, Any]) -> str:
     return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {_iso(float(holder.get('since', 0)))}"
 
 
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed, crashed): no need to wait for expiry."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
 def acquire(run_uri: str, command: str = "optctl train", ttl_s: float = TTL_S, now: float | None = None) -> Lease:
     """Take the run's lease, or LeaseHeld naming the live holder; an expired lease is taken over."""
     uri = storage.join(run_uri, LEASE_FILE)
@@ -131,7 +144,7 @@ def acquire(run_uri: str, command: str = "optctl train", ttl_s: float = TTL_S, n
             expires = float(held["heartbeat"]) + float(held.get("ttl_s", ttl_s))
         except (ValueError, KeyError, TypeError):
             held, expires = {"host": "?", "pid": "?", "since": 0}, 0.0  # unreadable: treat as expired
-        if expires > t:
+        if expires > t and not _dead_here(held):
             raise LeaseHeld(
                 f"run {run_uri} is being trained by {describe(held)} (heartbeat {_iso(float(held.get('heartbeat', 0)))}); "
                 f"wait for it to finish, stop it, or, if it is dead, run again after {_iso(expires)} when its lease expires"

@@ -35,10 +35,20 @@ class MetricsSink:
 
     def __init__(self, tracking_uri: str, run_id: str, spill_path: str | None) -> None:
         self.buffer = MetricsBuffer(tracking_uri, run_id, spill_path=Path(spill_path) if spill_path else None)
+        self.latest: dict[str, Any] = {}
 
     def log(self, points: list[Point]) -> int:
         self.buffer.extend(points)
+        for key, value, _, step in points:  # the newest step's figures, for the driver's progress line
+            if step > self.latest.get("step", -1):
+                self.latest = {"step": step}
+            if step == self.latest["step"]:
+                self.latest[key] = value
         return len(points)
+
+    def progress(self) -> dict[str, Any]:
+        """The newest step rank 0 handed over, with its metrics (loss, lr, tokens_per_s...)."""
+        return dict(self.latest)
 
     def close(self, timeout_s: float) -> bool:
         """Deliver what is left (spilling what cannot be); True if MLflow has every point."""

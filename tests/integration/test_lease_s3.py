@@ -21,9 +21,11 @@ def s3_run(seaweed_s3, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed_s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed_s3.secret_key)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage._s3_client.cache_clear()  # a client cached for this endpoint earlier may hold other credentials
     bucket = f"lease-{time.time_ns()}"
     seaweed_s3.client().create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/runs/r"
+    yield f"s3://{bucket}/runs/r"
+    storage._s3_client.cache_clear()
 
 
 def test_compare_and_swap_on_s3(s3_run: str) -> None:

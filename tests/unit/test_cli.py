@@ -59,11 +59,14 @@ def test_importing_the_library_and_cli_loads_no_heavy_library():
     assert r.stdout.strip() == ""
 
 
-def test_plan_175b_prints_report_and_json(capsys):
-    assert main(["plan", "--config", str(REPO / "configs" / "opt-125m.yaml"), "--set", "model.preset=175b", "--trials", "100"]) == 0
+def test_plan_175b_prints_a_table_or_with_json_one_object(capsys):
+    args = ["plan", "--config", str(REPO / "configs" / "opt-125m.yaml"), "--set", "model.preset=175b", "--trials", "100"]
+    assert main(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("OPT-175b") and any("Daly interval" in line for line in out)
-    figures = json.loads(out[-1])
+    assert out[0].startswith("OPT-175b") and any("Daly interval" in line for line in out) and not out[-1].startswith("{")
+    assert main([*args, "--json"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(line)
     assert 600 <= figures["recommended_interval_s"] <= 3 * 3600
     assert figures["recommended_steps"] >= 1 and figures["hosts"] == 124
 

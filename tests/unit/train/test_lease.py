@@ -39,6 +39,20 @@ def test_a_dead_holders_lease_expires_and_is_taken_over_and_the_old_holder_learn
     assert new.renew() and not new.lost.is_set()
 
 
+def test_a_lease_of_a_process_killed_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    now = time.time()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / LEASE_FILE).write_text(json.dumps({"token": "t", "host": socket.gethostname(), "pid": int(gone), "since": now,
+                                                         "heartbeat": now, "ttl_s": 120}))  # fmt: skip
+    lease = acquire(str(tmp_path / "r"))
+    assert lease.taken_over is not None and lease.taken_over["pid"] == int(gone)
+    lease.release()
+
+
 def test_the_heartbeat_keeps_a_live_lease(tmp_path: Path) -> None:
     run = str(tmp_path / "r")
     with acquire(run, ttl_s=0.4) as lease:
