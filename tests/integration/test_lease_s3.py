@@ -21,7 +21,11 @@ def s3_run(seaweed_s3, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed_s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed_s3.secret_key)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    storage._s3_client.cache_clear()  # a client cached for this endpoint earlier may hold other credentials
+    import boto3
+
+    # boto3's default session caches the credentials it first resolved (moto's, from earlier tests): a fresh one
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    storage._s3_client.cache_clear()
     bucket = f"lease-{time.time_ns()}"
     seaweed_s3.client().create_bucket(Bucket=bucket)
     yield f"s3://{bucket}/runs/r"

@@ -309,3 +309,7 @@ def test_a_run_that_keeps_spiking_fails_with_the_reason(pipeline_run):
                                                "train.chaos.nan_batches": "[3, 4, 5, 6, 7, 8]"}))  # fmt: skip
     with pytest.raises(TrainingError, match=r"gave up at step \d after 1 rollbacks: loss is nan.*logbook"):
         stages.train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads(storage.read_text(storage.join(cfg.storage.root, "runs", "spiky", "run.json")))
+    assert MlflowClient(cfg.tracking.uri).get_run(record["mlflow_run_id"]).info.status == "FAILED"  # the UI shows it ended

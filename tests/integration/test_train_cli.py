@@ -141,6 +141,18 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes_bitwise_exact(pipelin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_stops_cleanly_with_143_and_mlflow_killed(pipeline_run):
+    root, _ = pipeline_run
+    p = start(root, "train", *optctl_args(root, **{"train.run": "sigterm", "train.max_steps": 40, "train.checkpoint_every": 2}))
+    wait_for(lambda: any(e["event"] == "checkpoint" for e in events(root, "sigterm")), "the first checkpoint")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 143, err[-3000:]
+    assert own_lines(err.strip())[-1].startswith("training run 'sigterm' stopped by SIGTERM: newest committed checkpoint ")
+    assert [e["signal"] for e in events(root, "sigterm") if e["event"] == "interrupted"] == ["SIGTERM"]
+    assert mlflow_status(root, "sigterm") == "KILLED"
+
+
 def test_an_unreachable_ray_address_is_refused_within_its_timeout(pipeline_run):
     root, _ = pipeline_run
     r, took = run(root, "train", *optctl_args(root, **{"train.run": "noray", "train.ray_address": "127.0.0.1:1",

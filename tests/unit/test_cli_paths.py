@@ -91,3 +91,21 @@ def test_config_keys_lists_every_key_with_type_default_and_meaning_and_show_reso
     assert "sections: access, data, eval" in one_line(optctl("config", "keys", "nope"))
     shown = optctl("config", "show", "--config", "configs/tiny.yaml", "--set", "train.max_steps=7")
     assert shown.returncode == 0 and "max_steps: 7" in shown.stdout
+
+
+def test_export_hf_without_a_tokenizer_says_so(tmp_path: Path) -> None:
+    import torch
+
+    from opt.model import OPT, OPTConfig
+    from opt.model.checkpoint import save_consolidated
+
+    cfg = OPTConfig.preset("debug")
+    torch.manual_seed(0)
+    src = save_consolidated(cfg, OPT(cfg).state_dict(), tmp_path / "consolidated")
+    r = optctl("model", "export-hf", str(src), str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    assert "note: no tokenizer in" in r.stdout and "pass --tokenizer" in r.stdout
+    assert one_line(optctl("model", "export-hf", str(src), str(tmp_path / "hf2"), "--tokenizer", str(tmp_path / "nope.json"))) == (
+        f"error: --tokenizer {tmp_path / 'nope.json'}: no such file; pass the dataset's tokenizer/tokenizer.json"
+    )
+    assert not (tmp_path / "hf2").exists()
