@@ -41,7 +41,6 @@ class PipelineSummary:
 def prepare_data(cfg: RunConfig, progress: bool = False) -> tuple[DatasetManifest, bool]:
     from opt.data.prep import prepare_dataset
 
-    log.info("data prep: %d source(s) -> %s", len(cfg.data.sources), cfg.storage.root)
     manifest, reused = prepare_dataset(cfg.data, cfg.storage.root, progress=progress)
     log.info("data prep: dataset %s %s (%s training tokens)", manifest.dataset_id, "reused" if reused else "prepared",
              f"{manifest.train_tokens:,}")  # fmt: skip

@@ -112,6 +112,8 @@ class Releases(Accounts):
 
 def _under(source: str, root: str) -> bool:
     """True if `source` names `root` or a place below it (local paths resolved first, so '..' and links cannot escape)."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in source) or any(0xD800 <= ord(ch) <= 0xDFFF for ch in source):
+        return False  # a NUL or control byte, or a lone surrogate, names no file (and would crash the path code)
     if root.startswith("s3://") or source.startswith("s3://"):
         return source.rstrip("/").startswith(root.rstrip("/") + "/") and ".." not in source.split("/")
     base, path = Path(root).resolve(), Path(source).resolve()
