@@ -142,7 +142,6 @@ def _train_leased(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: s
                   existing: CommittedCheckpoint | None) -> TrainResult:  # fmt: skip
     """The rest of `train`, holding the run's lease, the checkpoint to resume (if any) already checked."""
     from opt.tracking import end_run, get_or_create_run
-    from opt.train.optim import hparams
 
     t = cfg.train
     if not ray_ready():
@@ -167,7 +166,7 @@ def _train_leased(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: s
         return TrainResult(uri, mlflow_run_id, existing, {})
     status = "FAILED"
     try:
-        result = _train_from(cfg, manifest, recipe, uri, logbook, existing, mlflow_run_id, hparams)
+        result = _train_from(cfg, manifest, recipe, uri, logbook, existing, mlflow_run_id)
         status = "FINISHED"
         return result
     except BaseException as e:
@@ -178,7 +177,9 @@ def _train_leased(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: s
 
 
 def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str, logbook: Logbook,
-                existing: CommittedCheckpoint | None, mlflow_run_id: str, hparams: Any) -> TrainResult:  # fmt: skip
+                existing: CommittedCheckpoint | None, mlflow_run_id: str) -> TrainResult:  # fmt: skip
+    from opt.train.optim import hparams  # imports torch: not at module level (opt.stages stays light)
+
     t = cfg.train
     if existing is not None:
         _record_changes(read_trainer_state(existing), hparams(t, recipe.lr), existing.step, logbook, mlflow_run_id, cfg)
