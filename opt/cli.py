@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     from opt.access.cli import add_access_commands
 
     add_access_commands(sub, _config_args)
+    from opt.ops.cli import add_ops_commands
+
+    add_ops_commands(sub, _config_args)
     return parser
 
 

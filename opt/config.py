@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from opt.data.config import DataConfig
 from opt.errors import OptError
 from opt.model.config import PRESETS, OPTConfig
+from opt.ops.config import ScheduleConfig
 from opt.storage import is_uri
 
 
@@ -157,6 +158,10 @@ class TrainConfig(Section):
     nothing: a drained node's ranks fail and the run restarts from the newest checkpoint, as for any lost
     node. On, each restart also starts that actor's process (~2.5 CPU-seconds on a small head node)."""
     max_steps: int = Field(40, ge=1)
+    """The run's length: the learning-rate schedule warms up and decays over these steps."""
+    stop_at_step: int | None = Field(None, ge=1)
+    """End this invocation at this step (committing a checkpoint there) though the schedule runs to `max_steps`:
+    how a scheduled pipeline trains a long run in segments. None: train to `max_steps`."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per rank per step."""
     lr: float | None = Field(None, gt=0)
@@ -215,6 +220,11 @@ class TrainConfig(Section):
             if self.async_checkpoint:
                 raise ValueError("train.async_checkpoint needs train.fsdp=fsdp2 (fairscale's shards are saved synchronously)")
         return self
+
+    @property
+    def end_step(self) -> int:
+        """Where this invocation stops: `max_steps`, or `stop_at_step` when that comes first."""
+        return min(self.max_steps, self.stop_at_step or self.max_steps)
 
     @property
     def worker_counts(self) -> range:
@@ -346,6 +356,7 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     access: AccessConfig = AccessConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @property
     def model_name(self) -> str:

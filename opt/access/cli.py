@@ -207,6 +207,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(load_config(args.config, args.overrides).resolved(Path.cwd()))
 
 
+def cmd_access_housekeeping(args: argparse.Namespace) -> None:
+    from opt.access.housekeeping import run_housekeeping
+    from opt.config import load_config
+
+    remind = load_config(args.config, args.overrides).schedule.remind_after_hours
+    service = _service(args)
+    try:
+        report = run_housekeeping(service, remind)
+    finally:
+        service.close()
+    print(report.markdown(), end="")
+    if not report.chain_ok:
+        raise OptError(f"the access audit chain is broken: {report.chain_problem}")
+
+
 def add_access_commands(sub: Any, config_args: Callable[..., None]) -> None:
     access = sub.add_parser("access", help="the access service for gated model versions").add_subparsers(dest="access_cmd", required=True)
 
@@ -233,6 +248,12 @@ def add_access_commands(sub: Any, config_args: Callable[..., None]) -> None:
     p = add("token", cmd_user_token, "a new token for an existing account (a lost token)", operator=True, parent=users)
     p.add_argument("name")
     p.add_argument("--token-out", help="write the token to this new file (mode 0600) instead of printing it")
+    add(
+        "housekeeping",
+        cmd_access_housekeeping,
+        "record expired grants, list requests waiting too long, verify the audit chain",
+        operator=True,
+    )
     add("keygen", cmd_keygen, "print a new release-signing key for the service's environment", operator=True)
     add("whoami", cmd_whoami, "the account your token belongs to")
     p = add("licence", cmd_licence, "show a gated release's licence")

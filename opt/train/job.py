@@ -160,7 +160,7 @@ def _train_leased(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: s
     )
     _save_config(cfg, uri, logbook)
     _log_config(cfg, mlflow_run_id, manifest)
-    if existing is not None and existing.step >= cfg.train.max_steps:
+    if existing is not None and existing.step >= cfg.train.end_step:
         log.info("run %s already has a committed checkpoint at step %d; nothing to train", cfg.train.run, existing.step)
         end_run(cfg.tracking.uri, mlflow_run_id, "FINISHED")
         return TrainResult(uri, mlflow_run_id, existing, {})
@@ -187,6 +187,7 @@ def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str
         "run_started" if existing is None else "run_resumed",
         dataset_id=manifest.dataset_id,
         max_steps=cfg.train.max_steps,
+        **({"stop_at_step": cfg.train.end_step} if cfg.train.end_step < cfg.train.max_steps else {}),
         workers=cfg.train.num_workers,
         from_step=existing.step if existing else 0,
         lr=recipe.lr,
@@ -213,7 +214,7 @@ def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str
     from opt.train.progress import Progress
 
     # with Ray's worker output off the terminal, the driver says how far training is
-    progress = Progress(sink, t.run, t.max_steps).start() if quiet() else None
+    progress = Progress(sink, t.run, t.end_step).start() if quiet() else None
     try:
         result = _fit_with_restarts(cfg, {**payload, "metrics_sink": sink}, logbook)
     except TrainingError:
@@ -229,7 +230,7 @@ def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str
         if not close_sink(sink):
             log.warning("some metrics could not be sent to MLflow yet; the next run of %s sends them", t.run)
     final = latest_committed(uri)
-    if final is None or final.step < t.max_steps:
+    if final is None or final.step < t.end_step:
         gave_up = [e for e in logbook.read() if e["event"] == "spike_gave_up"]
         if gave_up and (final is None or gave_up[-1]["step"] > final.step):
             last = gave_up[-1]
@@ -243,7 +244,7 @@ def _train_from(cfg: RunConfig, manifest: DatasetManifest, recipe: Any, uri: str
             raise TrainingError(message)
         logbook.append("run_failed", error="no final checkpoint")
         _log_logbook(cfg, uri, mlflow_run_id, logbook)
-        raise TrainingError(f"training run {t.run!r} ended without a committed checkpoint at step {t.max_steps}")
+        raise TrainingError(f"training run {t.run!r} ended without a committed checkpoint at step {t.end_step}")
     metrics = dict(result.metrics or {})
     logbook.append("run_finished", step=final.step, checkpoint=final.uri, loss=metrics.get("loss"))
     _log_logbook(cfg, uri, mlflow_run_id, logbook)

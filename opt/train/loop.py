@@ -377,7 +377,7 @@ def run_training(
             report({**p.trainer_state.get("metrics", {}), "step": p.step, "checkpoint": uri})
 
     trainer.model.train()
-    while trainer.step < t.max_steps:
+    while trainer.step < t.end_step:
         step = trainer.step
         if pending is not None and all_ranks_done(pending, device):
             commit(pending)
@@ -447,7 +447,7 @@ def run_training(
             metrics.log(last, step + 1)
             if (step + 1) % 10 == 0 or step == 0:
                 log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, t.max_steps, loss_value, lr, last["tokens_per_s"])
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.end_step:
             if pending is not None:  # one save in flight at a time
                 commit(pending)
             state = {**trainer.trainer_state(manifest), "loss": loss_value, "metrics": last}

@@ -85,3 +85,58 @@ def mlflow_server(pipeline_run):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """The session's one real `prefect server start` (its own SQLite database), as its API URL."""
+    from tests.conftest import _free_port
+    from tests.prefect_server import start_server, stop
+
+    proc, api = start_server(tmp_path_factory.mktemp("prefect-server"), _free_port())
+    try:
+        yield api
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_pg_server(tmp_path_factory, postgres_url):
+    """A real `mlflow server` whose backend store is PostgreSQL (Debian's server, the session's), as its URL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import psycopg
+
+    from tests.conftest import _free_port
+
+    root = tmp_path_factory.mktemp("mlflow-pg")
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE mlflow")
+    store = postgres_url.rsplit("/", 1)[0] + "/mlflow"
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", store, "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server (PostgreSQL) did not start: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

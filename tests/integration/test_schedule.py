@@ -1,0 +1,175 @@
+"""Scheduled operation against a real `prefect server start` and a real process worker (tests/prefect_server.py).
+
+`optctl deploy` registers every deployment with its schedule; a short interval schedule makes a flow run that
+the worker executes; the pipeline deployment trains a segment, registers, and waits for a reviewer while a second
+run of it is held back; the reviewer approves from the command line; the pipeline's MLflow is a real `mlflow
+server` over HTTP with a PostgreSQL backend store. The review timeout and the review in the Prefect UI use
+versions registered directly (the review flow decides on any version that passed its gates: no training needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import overrides
+from tests.prefect_server import wait_for_state, worker
+
+pytestmark = pytest.mark.slow
+
+OPTCTL = str(Path(sys.executable).parent / "optctl")
+POOL = "opt-test-pool"
+MODEL = "opt-sched"
+
+
+def _config(root: Path, tracking: str, ray_address: str) -> Path:
+    """A config file with every path absolute (the worker runs the flows in another process)."""
+    data: dict = {}
+    for kv in overrides(root, **{"tracking.uri": tracking, "train.run": "sched", "registry.model_name": MODEL,
+                                 "registry.access_class": "open", "train.max_steps": 20}):  # fmt: skip
+        key, value = kv.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value.startswith(("[", "{")) or value.isdigit() else value
+    data["train"].update({"ray_address": ray_address, "checkpoint_every": 4})
+    data["schedule"] = {
+        "work_pool": POOL,
+        "pipeline": {"cron": "0 3 * * *"},
+        "pipeline_steps": 8,
+        "retry_delay_s": 1,
+        "checkpoint_eval": {"interval_s": 1800, "active": False},
+        "data_refresh": {"cron": "0 1 * * *", "timezone": "Europe/Paris"},
+        "access_housekeeping": {"interval_s": 5},
+        "approval_poll_s": 1,
+    }
+    path = root / "sched.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, prefect_server, mlflow_pg_server, ray_session):
+    root = tmp_path_factory.mktemp("sched")
+    address = ray_session.get_runtime_context().gcs_address
+    cfg_path = _config(root, mlflow_pg_server, address)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "OPT_HOME": str(root / "home")}
+    out = subprocess.run([OPTCTL, "deploy", "--config", str(cfg_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with worker(prefect_server, POOL, root / "worker.log", {"OPT_HOME": str(root / "home")}):
+        yield root, cfg_path, out.stdout, env
+
+
+def _deployments(api: str) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        return {d.name: d for d in c.read_deployments()}
+
+
+def test_deploy_registers_every_deployment_with_its_schedule(deployed, prefect_server):
+    _, _, stdout, _ = deployed
+    deps = _deployments(prefect_server)
+    assert set(deps) >= {"pipeline-sched", "checkpoint-eval-sched", "data-refresh", "access-housekeeping", f"review-{MODEL}"}
+    pipe = deps["pipeline-sched"]
+    assert [s.schedule.cron for s in pipe.schedules] == ["0 3 * * *"] and pipe.schedules[0].active
+    assert pipe.work_pool_name == POOL and pipe.global_concurrency_limit.limit == 1
+    assert pipe.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert pipe.job_variables["env"]["PREFECT_FLOWS_DEFAULT_RETRIES"] == "1"
+    ev = deps["checkpoint-eval-sched"].schedules[0]
+    assert ev.schedule.interval.total_seconds() == 1800 and not ev.active  # `active: false` registers it paused
+    assert deps["data-refresh"].schedules[0].schedule.timezone == "Europe/Paris"
+    assert deps[f"review-{MODEL}"].schedules == []
+    assert "every 1800 s, paused" in stdout and "prefect worker start --pool opt-test-pool" in stdout
+
+
+def test_deploy_without_a_prefect_server_says_so_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([OPTCTL, "deploy"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "PREFECT_API_URL is not set" in out.stderr
+
+
+def test_an_interval_schedule_runs_on_the_worker_and_can_be_paused(deployed, prefect_server):
+    """The scheduler makes access-housekeeping's runs every 5 s; the worker runs one to completion; pausing stops them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root, _, _, env = deployed
+    dep = _deployments(prefect_server)["access-housekeeping"]
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
+        deadline, done = time.monotonic() + 240, []
+        only = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+        while not done and time.monotonic() < deadline:
+            done = c.read_flow_runs(deployment_filter=only, flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"]))))  # fmt: skip
+            time.sleep(1)
+        assert done, (root / "worker.log").read_text()[-3000:]
+        assert done[0].auto_scheduled  # made by the server's scheduler, not by the test
+        out = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "schedule", "pause",
+                              "opt-access-housekeeping/access-housekeeping", str(dep.schedules[0].id)], capture_output=True, text=True,
+                             env=env, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert not c.read_deployment(dep.id).schedules[0].active
+        for run in c.read_flow_runs(deployment_filter=only, flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"])))):  # fmt: skip
+            c.delete_flow_run(run.id)  # runs the paused schedule made before the pause: not wanted in the rest of the session
+    # what the run did: housekeeping's entries in the access audit trail, read as a reviewer reads them
+    out = subprocess.run([OPTCTL, "access", "housekeeping", "--config", str(deployed[1])], capture_output=True, text=True, env=env,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "audit chain: intact" in out.stdout, out.stdout + out.stderr
+    entries = int(out.stdout.split("intact (")[1].split()[0])
+    assert entries >= 1  # the scheduled run's own `audit.verified` (this one's is appended after the count)
+
+
+def test_the_pipeline_trains_a_segment_holds_back_a_second_run_and_waits_for_the_reviewer(deployed, prefect_server,
+                                                                                          mlflow_pg_server):  # fmt: skip
+    from mlflow import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from opt.logbook import Logbook
+
+    root, cfg_path, _, env = deployed
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        first = run_deployment("opt-scheduled-pipeline/pipeline-sched", timeout=0)
+        wait_for_state(first.id, {"RUNNING"}, timeout_s=120)
+        second = run_deployment("opt-scheduled-pipeline/pipeline-sched", timeout=0)
+        held = wait_for_state(second.id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout_s=120)
+        assert held.state.type.value == "CANCELLED", held.state  # CANCEL_NEW: the run in progress keeps going
+        paused = wait_for_state(first.id, {"PAUSED", "COMPLETED", "FAILED", "CRASHED"}, timeout_s=600)
+        assert paused.state.type.value == "PAUSED", (root / "worker.log").read_text()[-3000:]
+
+        listed = subprocess.run([OPTCTL, "review", "list", "--config", str(cfg_path)], capture_output=True, text=True, env=env, timeout=120)
+        assert listed.returncode == 0 and str(first.id) in listed.stdout, listed.stdout + listed.stderr
+        version = listed.stdout.splitlines()[1].split()[0]
+        bad = subprocess.run([OPTCTL, "review", "approve", MODEL, "999", "--reason", "x", "--config", str(cfg_path)],
+                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+        ok = subprocess.run([OPTCTL, "review", "approve", MODEL, version, "--by", "rita", "--config", str(cfg_path),
+                             "--reason", "card and gate table checked"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        done = wait_for_state(first.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=120)
+        assert done.state.type.value == "COMPLETED"
+
+    c = MlflowClient(mlflow_pg_server)
+    mv = c.get_model_version(MODEL, version)
+    assert "champion" in (mv.aliases or []) and mv.tags["opt.step"] == "8"  # one segment: pipeline_steps past step 0
+    decision = json.loads(mv.tags["opt.review"])
+    assert decision["decision"] == "approved" and decision["by"] == "rita" and decision["flow_run"] == str(first.id)
+    assert "opt.review_pending" not in mv.tags
+    events = [e for e in Logbook(str(root / "store" / "runs" / "sched")).read() if e["event"] in ("review", "promoted")]
+    assert [e["event"] for e in events] == ["review", "promoted"] and events[0]["by"] == "rita"
+    # the segment stopped at step 8 of a 20-step run: its learning-rate schedule still runs to train.max_steps
+    started = [e for e in Logbook(str(root / "store" / "runs" / "sched")).read() if e["event"] == "run_started"]
+    assert started[0]["max_steps"] == 20 and started[0]["stop_at_step"] == 8
