@@ -101,8 +101,13 @@ def test_deploy_without_a_prefect_server_says_so_in_one_line(tmp_path):
 def test_an_interval_schedule_runs_on_the_worker_and_can_be_paused(deployed, prefect_server):
     """The scheduler makes access-housekeeping's runs every 5 s; the worker runs one to completion; pausing stops them."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root, _, _, env = deployed
