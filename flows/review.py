@@ -7,12 +7,16 @@ the run is paused, so a long review never holds back the next scheduled training
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.input import keyset_from_paused_state
+from prefect.input.run_input import run_input_subclass_from_type
+from prefect.states import Paused, Running
+from prefect.utilities.engine import propose_state_sync
 
 from opt.config import RunConfig, load_config
 from opt.ops import review
@@ -27,9 +31,8 @@ def await_review(cfg: RunConfig, version: str) -> dict[str, Any]:
     review.mark_pending(cfg.tracking.uri, name, version, flow_run_id)
     logger.info("%s v%s passed its gates and waits for a reviewer: resume this run in the UI, or `optctl review approve|reject "
                 "%s %s --reason ...` (timeout %d s)", name, version, name, version, s.approval_timeout_s)  # fmt: skip
-    try:
-        decision = pause_flow_run(wait_for_input=review.ReviewDecision, timeout=s.approval_timeout_s, poll_interval=s.approval_poll_s)
-    except FlowPauseTimeout:
+    decision = _pause_for_decision(flow_run_id, s.approval_timeout_s, s.approval_poll_s)
+    if decision is None:
         entry = review.record(cfg.tracking.uri, name, version, "timed_out", "schedule", f"no decision within {s.approval_timeout_s} s",
                               flow_run_id)  # fmt: skip
         logger.warning("no review of %s v%s within %d s: it stays a candidate (`optctl registry promote` or the opt-review "
@@ -39,6 +42,39 @@ def await_review(cfg: RunConfig, version: str) -> dict[str, Any]:
     entry = review.record(cfg.tracking.uri, name, version, outcome, decision.reviewer, decision.reason, flow_run_id, cfg.access)
     logger.info("%s v%s %s by %s: %s", name, version, outcome, decision.reviewer, decision.reason)
     return entry
+
+
+PAUSE_GRACE_S = 24 * 3600
+"""Prefect's own pause deadline lies this far past ours: a pause that expires on Prefect's side can only end the run
+as Failed ("paused and never resumed"), while a review nobody gave is an outcome, not a failure of the run."""
+
+
+def _pause_for_decision(flow_run_id: str, timeout_s: int, poll_s: int) -> Any:
+    """`pause_flow_run(wait_for_input=ReviewDecision)`, but at our deadline the run resumes itself (returns None)
+    instead of failing: the same Paused state, input form and keyset as Prefect's own, so the UI's Resume works."""
+    from uuid import UUID
+
+    form = run_input_subclass_from_type(review.ReviewDecision)
+    paused: Any = Paused(timeout_seconds=timeout_s + PAUSE_GRACE_S, reschedule=False, pause_key="review")
+    keyset: Any = keyset_from_paused_state(paused)
+    paused.state_details.run_input_keyset = keyset
+    run_id = UUID(flow_run_id)
+    with get_client(sync_client=True) as client:
+        state = propose_state_sync(client=client, state=paused, flow_run_id=run_id)
+        if state.is_running():  # this run was paused and resumed before (a retry of it)
+            return form.load(keyset)
+        form.save(keyset)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(0.1, deadline - time.monotonic())))
+            current = client.read_flow_run(run_id).state
+            if current is not None and current.is_running():
+                return form.load(keyset)
+        propose_state_sync(client=client, state=Running(), flow_run_id=run_id)
+    from prefect.input.actions import read_flow_run_input
+
+    answered: Any = read_flow_run_input(keyset["response"], flow_run_id=run_id)  # None unless the reviewer answered just now
+    return form(**answered) if answered else None
 
 
 @flow(name="opt-review", log_prints=True)

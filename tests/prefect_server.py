@@ -46,7 +46,8 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 def start_server(home: Path, port: int) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    env = {**os.environ, **FAST_LOOPS, "PREFECT_HOME": str(home)}
+    # the UI asks the API at PREFECT_UI_API_URL, which otherwise names the default port
+    env = {**os.environ, **FAST_LOOPS, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")  # noqa: SIM115 (kept open for the server's life)
     proc = subprocess.Popen([_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], stdout=log,

@@ -178,3 +178,81 @@ def test_the_pipeline_trains_a_segment_holds_back_a_second_run_and_waits_for_the
     # the segment stopped at step 8 of a 20-step run: its learning-rate schedule still runs to train.max_steps
     started = [e for e in Logbook(str(root / "store" / "runs" / "sched")).read() if e["event"] == "run_started"]
     assert started[0]["max_steps"] == 20 and started[0]["stop_at_step"] == 8
+
+
+def _passed_version(tracking: str) -> str:
+    """A version that passed its gates (registered directly: the review flow decides on any such version)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    c = MlflowClient(tracking)
+    try:
+        c.create_registered_model(MODEL)
+    except MlflowException:
+        pass
+    exp = c.get_experiment_by_name("review-tests")
+    run = c.create_run(exp.experiment_id if exp else c.create_experiment("review-tests"))
+    mv = c.create_model_version(MODEL, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags={
+        "opt.gate": "passed", "opt.step": "8", "opt.eval_perplexity": "123.0000", "opt.gate_reasons": "[]"})  # fmt: skip
+    return str(mv.version)
+
+
+def test_a_review_nobody_gives_times_out_and_leaves_a_candidate(deployed, prefect_server, mlflow_pg_server):
+    from mlflow import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    version = _passed_version(mlflow_pg_server)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        run = run_deployment(f"opt-review/review-{MODEL}", timeout=0, parameters={
+            "version": version, "config_path": str(deployed[1]), "overrides": ["schedule.approval_timeout_s=3"]})  # fmt: skip
+        done = wait_for_state(run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=180)
+    assert done.state.type.value == "COMPLETED", done.state
+    mv = MlflowClient(mlflow_pg_server).get_model_version(MODEL, version)
+    review = json.loads(mv.tags["opt.review"])
+    assert review["decision"] == "timed_out" and "3 s" in review["reason"] and "champion" not in (mv.aliases or [])
+    assert "opt.review_pending" not in mv.tags
+
+
+def test_a_reviewer_decides_in_the_prefect_ui(deployed, prefect_server, mlflow_pg_server):
+    """The deployments page lists the schedules; the paused run's Resume form approves the version."""
+    from mlflow import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.browser import chromium, screenshot
+
+    ui = prefect_server.removesuffix("/api")
+    version = _passed_version(mlflow_pg_server)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        run = run_deployment(f"opt-review/review-{MODEL}", timeout=0, parameters={"version": version, "config_path": str(deployed[1])})
+        wait_for_state(run.id, {"PAUSED"}, timeout_s=180)
+        with chromium() as browser:
+            page = browser.new_page()
+            page.goto(f"{ui}/deployments", wait_until="networkidle")
+            screenshot(page, "prefect-deployments")
+            page.get_by_text("pipeline-sched").first.wait_for(timeout=30000)
+            body = page.inner_text("body")
+            assert "access-housekeeping" in body and "data-refresh" in body and f"review-{MODEL}" in body
+            assert "At 03:00" in body or "0 3 * * *" in body, body[:2000]  # the pipeline's cron, as the UI words it
+            screenshot(page, "prefect-deployments")
+            page.goto(f"{ui}/runs/flow-run/{run.id}", wait_until="networkidle")
+            page.get_by_role("button", name="Resume").first.click()
+            dialog = page.get_by_role("dialog")
+            dialog.wait_for(timeout=30000)
+            # the form Prefect renders from ReviewDecision's schema: a choice, then two text fields
+            dialog.locator("textarea").nth(1).wait_for(timeout=30000)  # the form arrives after the dialog
+            dialog.locator(".p-select-button__icon").first.click(force=True)  # the decision: Prefect's select of the two values
+            page.get_by_role("option", name="approve").click()
+            texts = dialog.locator("textarea")
+            texts.nth(0).fill("uma")
+            texts.nth(1).fill("checked the card in MLflow")
+            screenshot(page, "prefect-review-form")
+            dialog.get_by_role("button", name="Submit").click()
+            done = wait_for_state(run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=120)
+            page.reload(wait_until="networkidle")
+            screenshot(page, "prefect-review-done")
+    assert done.state.type.value == "COMPLETED", done.state
+    mv = MlflowClient(mlflow_pg_server).get_model_version(MODEL, version)
+    review = json.loads(mv.tags["opt.review"])
+    assert review["decision"] == "approved" and review["by"] == "uma" and "champion" in (mv.aliases or [])
