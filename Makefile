@@ -14,7 +14,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
 export RAY_USAGE_STATS_ENABLED = 0
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install system-packages run test test-fast lint clean-state
+.PHONY: install system-packages run serve test test-fast lint clean-state
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/optctl pipeline run --config $(CONFIG)
 	$(BIN)/optctl access demo --config $(CONFIG)
+
+# The local stack (Prefect server + worker with the deployments and their schedules, MLflow server, access
+# service) in the foreground; Ctrl-C stops it all. `make run` needs none of it.
+serve: install
+	$(BIN)/optctl stack up --config $(CONFIG)
 
 # Lint and type checks run first: CI checks them with every test run.
 test: lint system-packages

@@ -7,6 +7,7 @@ the run is paused, so a long review never holds back the next scheduled training
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -75,6 +76,34 @@ def _pause_for_decision(flow_run_id: str, timeout_s: int, poll_s: int) -> Any:
 
     answered: Any = read_flow_run_input(keyset["response"], flow_run_id=run_id)  # None unless the reviewer answered just now
     return form(**answered) if answered else None
+
+
+def decide(tracking_uri: str, name: str, version: str, decision: review.ReviewDecision) -> str:
+    """Resume the flow run waiting on `name` v`version` with the decision; returns the flow run id."""
+    info = version_info(tracking_uri, name, version)
+    flow_run_id = info["tags"].get(review.PENDING_TAG)
+    if not flow_run_id:
+        done = info["tags"].get(review.REVIEW_TAG)
+        said = f"; its review: {json.loads(done)['decision']}" if done else ""
+        raise review.ReviewError(f"{name} v{version} is not waiting for a review{said} (`optctl review list` shows the ones that are)")
+    from uuid import UUID
+
+    from prefect.exceptions import ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        with get_client(sync_client=True) as pc:
+            state = pc.read_flow_run(UUID(flow_run_id)).state
+    except ObjectNotFound:
+        raise review.ReviewError(f"the flow run {flow_run_id} that waited on {name} v{version} is gone from this Prefect server") from None
+    except Exception as e:
+        raise review.ReviewError(f"cannot reach the Prefect server (PREFECT_API_URL): {str(e).splitlines()[0]}") from None
+    if state is None or not state.is_paused():
+        raise review.ReviewError(
+            f"the flow run {flow_run_id} of {name} v{version} no longer waits (it is {state.name if state else 'unknown'})"
+        )
+    resume_flow_run(UUID(flow_run_id), run_input=decision.model_dump())
+    return flow_run_id
 
 
 @flow(name="opt-review", log_prints=True)

@@ -65,7 +65,8 @@ def cmd_review_list(args: argparse.Namespace) -> None:
 def _decide(args: argparse.Namespace, decision: str) -> None:
     from pydantic import ValidationError
 
-    from opt.ops.review import ReviewDecision, decide
+    from flows.review import decide
+    from opt.ops.review import ReviewDecision
 
     cfg = _load(args)
     need_prefect_server()

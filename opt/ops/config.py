@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -89,3 +89,16 @@ class ScheduleConfig(BaseModel):
     """How long the pipeline waits for the decision; then the version stays `candidate`, and the run says so."""
     approval_poll_s: int = Field(10, ge=1)
     """How often the waiting pipeline looks for the decision."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_default_times(cls, data: Any) -> Any:
+        """`--set schedule.data_refresh.active=false` pauses the default cadence instead of leaving it with no time."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, f in cls.model_fields.items():
+            given = out.get(name)
+            if isinstance(given, dict) and "cron" not in given and "interval_s" not in given and isinstance(f.default, Cadence):
+                out[name] = {"cron": f.default.cron, "interval_s": f.default.interval_s, **given}
+        return out

@@ -1,6 +1,6 @@
 """A person in the loop: a version that passed its gates waits for a reviewer before it becomes `champion`.
 
-The waiting is Prefect's (`pause_flow_run(wait_for_input=ReviewDecision)`, in flows/review.py): the reviewer
+The waiting is Prefect's (a pause with the ReviewDecision form, in flows/review.py): the reviewer
 answers the typed form in the Prefect UI, or `optctl review approve|reject NAME VERSION --reason ...`, which
 finds the waiting flow run from the version's `opt.review_pending` tag and resumes it with the same input.
 Prefect's open-source server has no user accounts, so the form asks who decides. Every outcome (approved,
@@ -83,32 +83,3 @@ def waiting(tracking_uri: str, name: str) -> list[dict[str, str]]:
         for v in versions if PENDING_TAG in (v.tags or {})
     ]  # fmt: skip
     return sorted(out, key=lambda r: int(r["version"]))
-
-
-def decide(tracking_uri: str, name: str, version: str, decision: ReviewDecision) -> str:
-    """Resume the flow run waiting on `name` v`version` with the decision; returns the flow run id."""
-    from opt.registry.mlflow_registry import version_info
-
-    info = version_info(tracking_uri, name, version)
-    flow_run_id = info["tags"].get(PENDING_TAG)
-    if not flow_run_id:
-        done = info["tags"].get(REVIEW_TAG)
-        said = f"; its review: {json.loads(done)['decision']}" if done else ""
-        raise ReviewError(f"{name} v{version} is not waiting for a review{said} (`optctl review list` shows the ones that are)")
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.flow_runs import resume_flow_run
-
-    try:
-        with get_client(sync_client=True) as pc:
-            state = pc.read_flow_run(UUID(flow_run_id)).state
-    except ObjectNotFound:
-        raise ReviewError(f"the flow run {flow_run_id} that waited on {name} v{version} is gone from this Prefect server") from None
-    except Exception as e:
-        raise ReviewError(f"cannot reach the Prefect server (PREFECT_API_URL): {str(e).splitlines()[0]}") from None
-    if state is None or not state.is_paused():
-        raise ReviewError(f"the flow run {flow_run_id} of {name} v{version} no longer waits (it is {state.name if state else 'unknown'})")
-    resume_flow_run(UUID(flow_run_id), run_input=decision.model_dump())
-    return flow_run_id

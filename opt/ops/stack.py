@@ -51,6 +51,17 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def _wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
+    """Until no process of the group is left (members die a moment after their SIGKILL)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -150,6 +161,7 @@ class Stack:
             with contextlib.suppress(ProcessLookupError, PermissionError):  # the group too: flow-run processes, server workers
                 os.killpg(p.popen.pid, signal.SIGKILL)
             p.popen.wait()
+            _wait_group_gone(p.popen.pid)
         self.procs.clear()
 
     def run(self) -> None:

@@ -180,6 +180,16 @@ def test_the_pipeline_trains_a_segment_holds_back_a_second_run_and_waits_for_the
     started = [e for e in Logbook(str(root / "store" / "runs" / "sched")).read() if e["event"] == "run_started"]
     assert started[0]["max_steps"] == 20 and started[0]["stop_at_step"] == 8
 
+    # the other deployments find their work: the checkpoint at step 4 has no evaluation yet, the sources did not change
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        evals = run_deployment("opt-checkpoint-eval/checkpoint-eval-sched", timeout=0)
+        refresh = run_deployment("opt-data-refresh/data-refresh", timeout=0)
+        for run in (evals, refresh):
+            assert wait_for_state(run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=300).state.type.value == "COMPLETED"
+    assert (root / "store" / "runs" / "sched" / "step-4" / "eval.json").exists()
+    history = c.get_metric_history(mv.run_id, "eval_perplexity")
+    assert sorted(m.step for m in history) == [4, 8]
+
 
 def _passed_version(tracking: str) -> str:
     """A version that passed its gates (registered directly: the review flow decides on any such version)."""

@@ -111,3 +111,12 @@ def test_dockerfile_installs_the_pinned_torch_and_the_package():
     torch_pin = next(line.strip().strip('",') for line in pyproject.splitlines() if line.strip().startswith('"torch=='))
     assert torch_pin in text
     assert 'pip install ".[postgres,cluster]"' in text and 'ENTRYPOINT ["optctl"]' in text
+
+
+def test_the_compose_worker_serves_the_pool_the_deployments_use():
+    from opt.config import load_config
+
+    worker = _compose()["services"]["prefect-worker"]
+    pool = load_config(REPO / "configs" / "stack.yaml").schedule.work_pool
+    assert worker["entrypoint"][:3] == ["prefect", "worker", "start"] and worker["entrypoint"][4] == pool
+    assert worker["working_dir"] == _compose()["services"]["optctl"]["working_dir"]  # where `optctl deploy` runs from
