@@ -191,6 +191,19 @@ def test_the_pipeline_trains_a_segment_holds_back_a_second_run_and_waits_for_the
     assert sorted(m.step for m in history) == [4, 8]
 
 
+def test_a_failed_scheduled_run_is_retried_and_fails_with_its_reason(deployed, prefect_server):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        run = run_deployment("opt-scheduled-pipeline/pipeline-sched", timeout=0, parameters={"overrides": ["train.max_steps=0"]})
+        done = wait_for_state(run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=240)
+    assert done.state.type.value == "FAILED", done.state
+    assert done.run_count == 2  # tried, then retried once (schedule.pipeline_retries)
+    message = done.state.message or ""
+    assert "train.max_steps" in message and "greater than or equal to 1" in message and "Traceback" not in message, message
+
+
 def _passed_version(tracking: str) -> str:
     """A version that passed its gates (registered directly: the review flow decides on any such version)."""
     from mlflow import MlflowClient
