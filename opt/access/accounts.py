@@ -60,6 +60,14 @@ class Accounts(Core):
         except AccessError as e:
             self._refuse(actor, "user.create", "user", e)
 
+    def user_of(self, actor: Principal) -> User:
+        """The caller's own account (its email, for the pages)."""
+        with self._sessions() as s:
+            user = s.get(User, actor.user_id)
+        if user is None:
+            raise NotFound("your account is gone")
+        return user
+
     def list_users(self, actor: Principal) -> list[User]:
         self._need_admin(actor, "user.list", "user")
         with self._sessions() as s:

@@ -111,6 +111,14 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    from opt.access.pages import router as portal
+
+    app.include_router(portal())
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/portal/", status_code=303)
+
     @app.get("/v1/public-key", response_model=S.PublicKeyOut)
     def public_key() -> S.PublicKeyOut:
         return S.PublicKeyOut(public_key=svc.keys.public_key, key_id=svc.keys.key_id)

@@ -93,6 +93,21 @@ def cmd_user_token(args: argparse.Namespace) -> None:
         print(token.token)
 
 
+def cmd_user_password(args: argparse.Namespace) -> None:
+    """The password comes from the terminal (asked twice) or from stdin, never from the command line (`ps` shows that)."""
+    import getpass
+    import sys
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"portal password for {safe(args.name)}: ")
+        if getpass.getpass("again: ") != password:
+            raise OptError("the two passwords differ; nothing changed")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    _service(args).set_password(args.name, password)
+    print(f"{safe(args.name)} can sign in to the portal at /portal/ now")
+
+
 def cmd_keygen(args: argparse.Namespace) -> None:
     from opt.access.keys import SIGNING_KEY_ENV, new_signing_seed
 
@@ -254,6 +269,14 @@ def add_access_commands(sub: Any, config_args: Callable[..., None]) -> None:
         "record expired grants, list requests waiting too long, verify the audit chain",
         operator=True,
     )
+    p = add(
+        "password",
+        cmd_user_password,
+        "set an account's portal password (asked on the terminal, or one line on stdin)",
+        operator=True,
+        parent=users,
+    )
+    p.add_argument("name")
     add("keygen", cmd_keygen, "print a new release-signing key for the service's environment", operator=True)
     add("whoami", cmd_whoami, "the account your token belongs to")
     p = add("licence", cmd_licence, "show a gated release's licence")

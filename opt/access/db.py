@@ -94,6 +94,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
     disabled_at: Mapped[datetime | None]
+    password_hash: Mapped[str | None] = mapped_column(String(200))
+    """argon2id hash for signing in to the portal; None: API tokens only (`optctl access user password` sets it)."""
 
 
 class ApiToken(Base):
@@ -197,6 +199,23 @@ class Grant(Base):
         if now >= self.expires_at:
             return "grant expired"
         return None
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie holds the session token, of which only the sha256 is stored here, and every
+    form carries the session's own CSRF token."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(lazy="joined")
 
 
 class Download(Base):

@@ -11,17 +11,17 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from opt.access.accounts import Accounts
 from opt.access.auth import Principal
 from opt.access.db import MODEL_LEN, Release
 from opt.access.errors import AccessError, Conflict, NotFound
 from opt.access.names import clean_text
 from opt.access.release import manifest_files, manifest_text
+from opt.access.web_sessions import WebSessions
 
 MAX_REASON_CHARS = 5000
 
 
-class Releases(Accounts):
+class Releases(WebSessions):
     def publish_release(
         self, model: str, version: str, source: str | Path, paths: list[str], licence: str,
         expected: dict[str, str] | None = None, by: str = "operator", gate_passed: bool = True, gate_reasons: list[str] | None = None,
@@ -100,6 +100,11 @@ class Releases(Accounts):
         if not _under(source, self.staging_root):
             self._refuse(actor, "release.publish", subject, AccessError(f"the source must lie under the staging root {self.staging_root}"))
         return self.publish_release(model, version, source, paths, licence, expected, actor.name, gate_passed, gate_reasons)
+
+    def list_releases(self, actor: Principal) -> list[Release]:
+        """Published releases that may be requested (their gates passed or were overridden), newest first."""
+        with self._sessions() as s:
+            return list(s.scalars(select(Release).where(Release.gate != "failed").order_by(Release.published_at.desc(), Release.id.desc())))
 
     def release(self, actor: Principal, model: str, version: str) -> Release:
         """A published release (its licence, manifest and signature); any signed-in account may read it."""

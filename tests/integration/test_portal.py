@@ -1,0 +1,122 @@
+"""The portal as people use it, in headless Chromium against the session's access service (real HTTP).
+
+A researcher signs in and files a request; a reviewer sees it in the queue, oldest first, and approves it; the
+researcher sees the grant and the command that downloads; a revoked grant shows as revoked; a form posted without
+its CSRF token is refused and audited; a wrong password is refused and, after repeated tries, rate-limited; what a
+requester typed is shown as text, never as markup. Screenshots go to test-output/screenshots/.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from opt.access.auth import FailureLimiter
+from tests.browser import chromium, screenshot
+
+PASSWORD = "correct horse battery staple"
+
+
+def _sign_in(page, url: str, name: str, password: str = PASSWORD) -> None:
+    page.goto(f"{url}/portal/", wait_until="load")
+    assert page.url.endswith("/portal/signin")  # not signed in: sent to sign in
+    page.fill("#name", name)
+    page.fill("#password", password)
+    page.click("button[type=submit]")
+    page.wait_for_load_state("load")
+
+
+def test_a_request_from_form_to_grant_to_revocation(world):
+    researcher, reviewer = world.person(), world.person("reviewer")
+    for who in (researcher, reviewer):
+        world.service.set_password(who.name, PASSWORD)
+    model, version, _ = world.release()
+    url = world.srv.url
+    with chromium() as browser:
+        page = browser.new_page()
+        _sign_in(page, url, researcher.name)
+        assert page.url.endswith("/portal/") and researcher.name in page.inner_text("header")
+        cookie = next(c for c in browser.cookies() if c["name"] == "opt_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+        page.click(f"a[href='/portal/request?model={model}&version={version}']")
+        assert "Non-commercial research only." in page.inner_text("pre.licence")  # the licence text is shown
+        page.fill("#affiliation", "University of Somewhere")
+        page.select_option("#organisation_kind", "academic")
+        page.fill("#purpose", "Measure <script>alert('x')</script> memorisation across OPT sizes")
+        page.check("input[name=accept]")
+        screenshot(page, "portal-request-form")
+        page.click("button.primary")
+        page.wait_for_load_state("load")
+        row = page.locator("tr.request").first
+        assert "pending" in row.inner_text() and f"{model} v{version}" in row.inner_text()
+        request_id = row.get_attribute("data-request")
+        screenshot(page, "portal-my-requests")
+
+        browser.clear_cookies()
+        _sign_in(page, url, reviewer.name)
+        page.goto(f"{url}/portal/review", wait_until="load")
+        card = page.locator(f"article[data-request='{request_id}']")
+        assert researcher.name in card.inner_text() and "University of Somewhere" in card.inner_text()
+        assert "<script>alert('x')</script>" in card.locator("pre").inner_text()  # shown as the text it is
+        assert page.locator("main script").count() == 0
+        card.locator("input[name=days]").fill("10")
+        card.locator("input[name=quota]").fill("2")
+        screenshot(page, "portal-review-queue")
+        card.get_by_role("button", name="Approve").click()
+        page.wait_for_load_state("load")
+        assert f"request {request_id} approved" in page.inner_text("p.done")
+
+        browser.clear_cookies()
+        _sign_in(page, url, researcher.name)
+        grant = page.locator("tr.grant").first
+        assert "active" in grant.inner_text() and "2 of 2" in grant.inner_text()
+        command = grant.locator("code.command").inner_text()
+        assert f"optctl access download {model} {version} --server {url}" in command
+        screenshot(page, "portal-grant")
+        grant_id = grant.get_attribute("data-grant")
+
+        browser.clear_cookies()
+        _sign_in(page, url, reviewer.name)
+        page.goto(f"{url}/portal/review", wait_until="load")
+        row = page.locator(f"tr.grant[data-grant='{grant_id}']")
+        row.locator("input[name=reason]").fill("affiliation could not be confirmed")
+        row.get_by_role("button", name="Revoke").click()
+        page.wait_for_load_state("load")
+
+        browser.clear_cookies()
+        _sign_in(page, url, researcher.name)
+        state = page.locator(f"tr.grant[data-grant='{grant_id}'] td.state").inner_text()
+        assert state == "revoked: affiliation could not be confirmed"
+        assert page.locator(f"tr.grant[data-grant='{grant_id}'] code.command").count() == 0
+        screenshot(page, "portal-grant-revoked")
+
+        # a form posted from elsewhere (the session cookie rides along, the CSRF token does not) is refused
+        forged = page.request.post(f"{url}/portal/request", form={"model": model, "version": version, "affiliation": "x",
+                                   "organisation_kind": "academic", "purpose": "y" * 30, "accept": "yes"})  # fmt: skip
+        assert forged.status == 403 and "CSRF" in forged.text()
+    assert any(e["action"] == "input.refused" and "CSRF" in e["detail"].get("reason", "") for e in world.audit(actor=researcher.name))
+    assert [e["action"] for e in world.audit(actor=researcher.name) if e["action"] == "signin"]
+
+
+def test_a_wrong_password_is_refused_then_rate_limited(world, monkeypatch):
+    who = world.person()
+    world.service.set_password(who.name, PASSWORD)
+    monkeypatch.setattr(world.srv.app.state, "limiter", FailureLimiter(max_failures=3, window_s=60))
+    with chromium() as browser:
+        page = browser.new_page()
+        for _ in range(3):
+            _sign_in(page, world.srv.url, who.name, "not the password at all")
+            assert page.inner_text("p.error") == "Wrong account name or password."
+        screenshot(page, "portal-wrong-password")
+        _sign_in(page, world.srv.url, who.name)  # the right password, but too late
+        assert "Too many failed sign-ins" in page.inner_text("p.error")
+        screenshot(page, "portal-rate-limited")
+    refused = [e for e in world.audit(actor=who.name) if e["action"] == "signin.refused"]
+    assert len(refused) == 3
+
+
+@pytest.mark.parametrize("password", ["short", "x" * 2000])
+def test_a_password_out_of_bounds_is_refused(world, password):
+    from opt.access.errors import AccessError
+
+    with pytest.raises(AccessError, match="12 to 1024 characters"):
+        world.service.set_password(world.person().name, password)
