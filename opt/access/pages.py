@@ -26,12 +26,7 @@ from opt.access.web_sessions import csrf_ok
 SESSION_COOKIE = "opt_session"
 LOGIN_CSRF_COOKIE = "opt_signin_csrf"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-ORG_KINDS = {
-    "academic": "Academic",
-    "government": "Government",
-    "civil_society": "Civil society",
-    "industry_research": "Industry research lab",
-}
+ORG_KINDS = {k.value: k.value.replace("-", " ").capitalize() for k in OrganisationKind}  # as in OPT-175B's form
 
 
 def _templates() -> Any:
@@ -178,7 +173,7 @@ def router() -> APIRouter:
     from opt.access.review_pages import add_review_pages
 
     add_review_pages(r, page, signed_in, checked, to_signin)
+    from opt.access.account_pages import add_account_pages
+
+    add_account_pages(r, page, signed_in, checked, to_signin)
     return r
-
-
-__all__ = ["OrganisationKind", "router"]

@@ -97,10 +97,20 @@ def test_a_request_from_form_to_grant_to_revocation(world):
     assert [e["action"] for e in world.audit(actor=researcher.name) if e["action"] == "signin"]
 
 
-def test_a_wrong_password_is_refused_then_rate_limited(world, monkeypatch):
+def test_a_wrong_password_is_refused_then_rate_limited(world):
     who = world.person()
     world.service.set_password(who.name, PASSWORD)
-    monkeypatch.setattr(world.srv.app.state, "limiter", FailureLimiter(max_failures=3, window_s=60))
+    state = world.srv.app.state
+    session_limiter, state.limiter = state.limiter, FailureLimiter(max_failures=3, window_s=60)  # the session's is set very high
+    try:
+        _wrong_password_then_limited(world, who)
+    finally:
+        state.limiter = session_limiter
+    refused = [e for e in world.audit(actor=who.name) if e["action"] == "signin.refused"]
+    assert len(refused) == 3
+
+
+def _wrong_password_then_limited(world, who) -> None:
     with chromium() as browser:
         page = browser.new_page()
         for _ in range(3):
@@ -110,8 +120,6 @@ def test_a_wrong_password_is_refused_then_rate_limited(world, monkeypatch):
         _sign_in(page, world.srv.url, who.name)  # the right password, but too late
         assert "Too many failed sign-ins" in page.inner_text("p.error")
         screenshot(page, "portal-rate-limited")
-    refused = [e for e in world.audit(actor=who.name) if e["action"] == "signin.refused"]
-    assert len(refused) == 3
 
 
 @pytest.mark.parametrize("password", ["short", "x" * 2000])
@@ -120,3 +128,56 @@ def test_a_password_out_of_bounds_is_refused(world, password):
 
     with pytest.raises(AccessError, match="12 to 1024 characters"):
         world.service.set_password(world.person().name, password)
+
+
+def test_tokens_audit_a_denial_a_new_request_and_sign_out(world):
+    import httpx
+
+    researcher, reviewer = world.person(), world.person("reviewer")
+    for who in (researcher, reviewer):
+        world.service.set_password(who.name, PASSWORD)
+    model, version, _ = world.release()
+    first = world.request(researcher, model, version)
+    assert reviewer.http.post(f"/v1/requests/{first['id']}/deny", json={"reason": "say which sizes you need"}).status_code == 200
+    url = world.srv.url
+    with chromium() as browser:
+        page = browser.new_page()
+        _sign_in(page, url, researcher.name)
+        assert page.locator(f"tr.request[data-request='{first['id']}'] td.state").inner_text() == "denied: say which sizes you need"
+        # a denied researcher applies again
+        page.click(f"a[href='/portal/request?model={model}&version={version}']")
+        page.fill("#affiliation", "University of Somewhere")
+        page.select_option("#organisation_kind", "industry-research-lab")
+        page.fill("#purpose", "Probe memorisation in the 125M and 1.3B sizes only")
+        page.check("input[name=accept]")
+        page.click("button.primary")
+        page.wait_for_load_state("load")
+        assert "pending" in page.locator("tr.request").first.inner_text()
+
+        page.goto(f"{url}/portal/tokens", wait_until="load")
+        page.fill("#label", "laptop")
+        page.click("button.primary")
+        token = page.locator("pre.new-token").inner_text().strip()
+        assert httpx.get(f"{url}/v1/me", headers={"Authorization": f"Bearer {token}"}).json()["name"] == researcher.name
+        screenshot(page, "portal-new-token")
+        page.goto(f"{url}/portal/tokens", wait_until="load")
+        assert page.locator("pre.new-token").count() == 0  # shown once
+        row = page.locator("tr.token", has_text="laptop")
+        row.get_by_role("button", name="Revoke").click()
+        page.wait_for_load_state("load")
+        assert page.locator("tr.token", has_text="laptop").locator("td.state").inner_text() == "revoked"
+        assert httpx.get(f"{url}/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+        page.goto(f"{url}/portal/audit?actor={reviewer.name}", wait_until="load")  # a researcher reads only their own
+        assert "Refused" in page.inner_text("h1") and page.locator("tr.audit").count() == 0
+        page.click("header button")  # sign out
+        page.wait_for_load_state("load")
+        assert page.url.endswith("/portal/signin")
+        page.goto(f"{url}/portal/", wait_until="load")
+        assert page.url.endswith("/portal/signin")  # the session is over, not only the cookie
+
+        _sign_in(page, url, reviewer.name)
+        page.goto(f"{url}/portal/audit?action=request.denied&subject=request:{first['id']}", wait_until="load")
+        rows = page.locator("tr.audit")
+        assert rows.count() == 1 and reviewer.name in rows.first.inner_text() and "say which sizes" in rows.first.inner_text()
+        screenshot(page, "portal-audit-filtered")
