@@ -298,6 +298,26 @@ class RegistryConfig(Section):
     """The model card's "Limitations" section (Markdown)."""
 
 
+class MailConfig(Section):
+    """Email from the access service (opt/access/mail.py): an outbox table, sent by the running service."""
+
+    host: str | None = None
+    """SMTP server; None keeps messages in the outbox unsent (`optctl access mail list` shows them)."""
+    port: int = Field(25, ge=1, le=65535)
+    security: Literal["none", "starttls", "ssl"] = "starttls"
+    username: str | None = None
+    password_env: str = "OPT_SMTP_PASSWORD"
+    """Environment variable holding the SMTP password (never in the config file)."""
+    sender: str = "OPT access <access@localhost>"
+    timeout_s: float = Field(15.0, gt=0)
+    send_every_s: float = Field(10.0, gt=0)
+    """How often the running service sends what is due in the outbox."""
+    reviewers: Literal["immediate", "digest"] = "immediate"
+    """Reviewers hear of a new request at once, or in the daily digest (`access-housekeeping`)."""
+    portal_url: str | None = None
+    """The portal's public URL for links in messages (default: access.url)."""
+
+
 class AccessConfig(Section):
     """The access service: who may download gated versions' weights (`optctl access serve`)."""
 
@@ -335,6 +355,7 @@ class AccessConfig(Section):
     """How long a started download can be resumed without taking more quota."""
     secret_env: str = "OPT_ACCESS_SECRET"
     """Environment variable holding the service secret (audit chain, file links); without it one is kept under `home`."""
+    mail: MailConfig = MailConfig()
 
     @model_validator(mode="after")
     def _bounds(self) -> AccessConfig:

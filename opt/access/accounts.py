@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 
 from opt.access.auth import Principal, new_token, token_hash
-from opt.access.core import Core
 from opt.access.db import EMAIL_LEN, TEXT_LEN, ApiToken, Role, User
 from opt.access.errors import AccessError, Conflict, NotFound
+from opt.access.mail import Mail
 from opt.access.names import clean_text, normalise_name, skeleton
 
 EMAIL_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.!#$%&'*+/=?^_`{|}~-@")
@@ -33,7 +33,7 @@ def check_email(raw: str) -> str:
     return email
 
 
-class Accounts(Core):
+class Accounts(Mail):
     def add_user(self, name: str, email: str, role: str, by: str = "operator") -> tuple[User, NewToken]:
         """Create an account and its first token (an operator on the database's host, or an admin through the API)."""
         norm = normalise_name(name, "account name")

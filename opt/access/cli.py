@@ -108,6 +108,24 @@ def cmd_user_password(args: argparse.Namespace) -> None:
     print(f"{safe(args.name)} can sign in to the portal at /portal/ now")
 
 
+def cmd_mail(args: argparse.Namespace) -> None:
+    service = _service(args)
+    if args.mail_cmd == "send":
+        result = service.send_outbox()
+        print(f"sent {result['sent']}, failed {result['failed']} (kept and retried later)")
+        return
+    rows = service.outbox(unsent_only=not args.all)
+    if not rows:
+        print("the outbox is empty" if args.all else "nothing waits to be sent")
+    for m in rows:
+        state = (
+            f"sent {m.sent_at:%Y-%m-%d %H:%M}"
+            if m.sent_at
+            else f"waiting, {m.attempts} tries" + (f": {m.last_error}" if m.last_error else "")
+        )
+        print(f"{m.id:>5}  {safe(m.to_addr):<32} {safe(m.subject)[:60]:<60}  {safe(state)}")
+
+
 def cmd_keygen(args: argparse.Namespace) -> None:
     from opt.access.keys import SIGNING_KEY_ENV, new_signing_seed
 
@@ -277,6 +295,10 @@ def add_access_commands(sub: Any, config_args: Callable[..., None]) -> None:
         parent=users,
     )
     p.add_argument("name")
+    mail = access.add_parser("mail", help="the outbox of emails (operator)").add_subparsers(dest="mail_cmd", required=True)
+    p = add("list", cmd_mail, "messages waiting to be sent (--all: every message)", operator=True, parent=mail)
+    p.add_argument("--all", action="store_true")
+    add("send", cmd_mail, "send what is due now (the running service does this every access.mail.send_every_s)", operator=True, parent=mail)
     add("keygen", cmd_keygen, "print a new release-signing key for the service's environment", operator=True)
     add("whoami", cmd_whoami, "the account your token belongs to")
     p = add("licence", cmd_licence, "show a gated release's licence")

@@ -218,6 +218,25 @@ class WebSession(Base):
     user: Mapped[User] = relationship(lazy="joined")
 
 
+class OutboxMessage(Base):
+    """An email to send, written in the same transaction as the decision it tells of: a mail outage never blocks
+    or loses a decision, and the sender retries (with backoff) until the SMTP server takes the message."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    to_addr: Mapped[str] = mapped_column(String(EMAIL_LEN))
+    subject: Mapped[str] = mapped_column(String(300))
+    body: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(32))
+    """request.created, request.approved, request.denied, grant.revoked, digest"""
+    created_at: Mapped[datetime]
+    next_attempt_at: Mapped[datetime] = mapped_column(index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    sent_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
 class Download(Base):
     """One whole download of a release under a grant: it took one unit of quota when it started, and files are
     served under it (again, after a dropped connection) until it completes or expires."""

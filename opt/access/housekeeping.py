@@ -11,7 +11,7 @@ All of it is audited under the actor `housekeeping`, which is no account: nobody
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -32,6 +32,8 @@ class HousekeepingReport:
     chain_ok: bool = True
     chain_entries: int = 0
     chain_problem: str | None = None
+    mailed: int = 0
+    """Reviewers sent the digest (or the reminder of requests waiting too long)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,9 +78,31 @@ def run_housekeeping(service: Any, remind_after_hours: float) -> HousekeepingRep
                    "hours": (now - created).total_seconds() / 3600}  # fmt: skip
             service._audit(s, ACTOR, "request.reminder", f"request:{r.id}", {**row, "hours": round(row["hours"], 1)})
             report.waiting.append(row)
+        report.mailed = _mail_reviewers(service, s, now, {w["id"] for w in report.waiting})
     with service._sessions() as s:
         chain = audit.verify(s, service.keys.secret)
     report.chain_ok, report.chain_entries, report.chain_problem = chain.ok, chain.entries, chain.problem
     with service._sessions.begin() as s:
         service._audit(s, ACTOR, "audit.verified", "audit", {"ok": chain.ok, "entries": chain.entries, "problem": chain.problem})
     return report
+
+
+def _aware(at: datetime, tz: Any) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=tz)
+
+
+def _mail_reviewers(service: Any, s: Any, now: datetime, overdue: set[int]) -> int:
+    """The digest of every pending request (`access.mail.reviewers: digest`), else a reminder of the overdue ones."""
+    digest = service.mail_settings is not None and service.mail_settings.reviewers == "digest"
+    pending = s.scalars(select(AccessRequest).where(AccessRequest.status == RequestStatus.PENDING).order_by(AccessRequest.id))
+    listed = [r for r in pending if digest or r.id in overdue]
+    if not listed:
+        return 0
+    lines = [f"- request {r.id}: {r.user.name} for {r.release.model_name} v{r.release.model_version}, waiting "
+             f"{(now - _aware(r.created_at, now.tzinfo)).total_seconds() / 3600:.0f} h" for r in listed]  # fmt: skip
+    title = "requests waiting for a review" if digest else "requests waiting too long"
+    body = "\n".join(lines) + f"\n\nThe queue: {service.portal_link('/review')}\n"
+    reviewers = service._reviewer_emails(s)
+    for to in reviewers:
+        service._mail(s, to, f"[OPT access] {len(lines)} {title}", body, "digest")
+    return len(reviewers)

@@ -40,7 +40,9 @@ def build_service(cfg: AccessConfig, s3_client: Any = None) -> AccessService:
     )  # fmt: skip
     keys = load_keys(home, cfg.secret_env)
     db_url = os.environ.get(DB_URL_ENV) or cfg.db_url  # the environment keeps a password out of files and `ps`
-    return AccessService(db_url, keys, ReleaseStore(cfg.release_root, s3_client), limits, staging_root=cfg.staging_uri)
+    service = AccessService(db_url, keys, ReleaseStore(cfg.release_root, s3_client), limits, staging_root=cfg.staging_uri)
+    service.mail_settings = cfg.mail.model_copy(update={"portal_url": cfg.mail.portal_url or f"{cfg.url.rstrip('/')}/portal"})
+    return service
 
 
 def create_server(
@@ -61,13 +63,18 @@ def create_server(
 
 def serve(cfg: AccessConfig, host: str, port: int, trusted_proxy: str | None = None) -> None:
     """Run the service in the foreground until interrupted."""
+    from opt.access.mail import OutboxSender
+
     service = build_service(cfg)
     server = create_server(service, host, port, trusted_proxy=trusted_proxy)
+    sender = OutboxSender(service, cfg.mail.send_every_s).start() if cfg.mail.host else None
     print(f"access service on http://{host}:{port} (OpenAPI at /openapi.json)")
     print(f"release signing key: ed25519 {service.keys.public_key} (key id {service.keys.key_id})", flush=True)
     try:
         server.run()
     finally:
+        if sender is not None:
+            sender.stop()
         service.close()
 
 

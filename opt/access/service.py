@@ -72,6 +72,10 @@ class AccessService(Downloads):
                 s.flush()
                 detail = {"model": model, "version": version, "organisation_kind": organisation_kind}
                 self._audit(s, actor.name, "request.created", f"request:{req.id}", detail)
+                self._mail_reviewers(s, f"[OPT access] request {req.id}: {actor.name} asks for {model} v{version}",
+                                     f"{actor.name} ({affiliation}, {organisation_kind}) asks for {model} version {version}:\n\n"
+                                     f"{purpose}\n\nReview it: {self.portal_link('/review')}\n", "request.created",
+                                     except_user=actor.user_id)  # fmt: skip
         except _Refusal as r:
             self._refuse(actor, "request.create", subject, r.error)
         except IntegrityError:  # another request with the same key committed between our check and insert
@@ -114,6 +118,12 @@ class AccessService(Downloads):
                 s.flush()
                 self._audit(s, actor.name, "request.approved", subject, {"grant": grant.id, "days": days, "quota": quota})
                 grant_id = grant.id
+                rel = req.release
+                self._mail(s, req.user.email, f"[OPT access] request {req.id} approved: {rel.model_name} v{rel.model_version}",
+                           f"Your request {req.id} for {rel.model_name} version {rel.model_version} is approved: {quota} downloads "
+                           f"until {grant.expires_at:%Y-%m-%d %H:%M} UTC.\n\nDownload with:\n  optctl access download "
+                           f"{rel.model_name} {rel.model_version} --out DIR\n\nYour grants: {self.portal_link('/')}\n",
+                           "request.approved")  # fmt: skip
         except _Refusal as r:
             self._refuse(actor, "request.approve", subject, r.error)
         return self._grant(grant_id)
@@ -125,8 +135,12 @@ class AccessService(Downloads):
         reason = self._text(actor, "request.deny", subject, reason, "reason", MAX_PURPOSE_CHARS, multiline=True)
         try:
             with self._sessions.begin() as s:
-                self._pending(s, actor, request_id, RequestStatus.DENIED, reason)
+                req = self._pending(s, actor, request_id, RequestStatus.DENIED, reason)
                 self._audit(s, actor.name, "request.denied", subject, {"reason": reason})
+                rel = req.release
+                self._mail(s, req.user.email, f"[OPT access] request {req.id} denied: {rel.model_name} v{rel.model_version}",
+                           f"Your request {req.id} for {rel.model_name} version {rel.model_version} was denied:\n\n{reason}\n\n"
+                           f"You may apply again: {self.portal_link('/')}\n", "request.denied")  # fmt: skip
         except _Refusal as r:
             self._refuse(actor, "request.deny", subject, r.error)
         return self.get_request(actor, request_id)
@@ -161,6 +175,10 @@ class AccessService(Downloads):
                     update(AccessRequest).where(AccessRequest.id == grant.request_id).values(status=RequestStatus.REVOKED, open_key=None)
                 )
                 self._audit(s, actor.name, "grant.revoked", subject, {"reason": reason, "request": grant.request_id})
+                req, rel = grant.request, grant.request.release
+                self._mail(s, req.user.email, f"[OPT access] grant {grant_id} revoked: {rel.model_name} v{rel.model_version}",
+                           f"Your grant {grant_id} for {rel.model_name} version {rel.model_version} was revoked:\n\n{reason}\n",
+                           "grant.revoked")  # fmt: skip
         if done != 1:
             exists = self._grant_or_none(grant_id) is not None
             self._refuse(

@@ -32,6 +32,9 @@ def test_expired_grants_are_recorded_once_and_old_requests_reminded(world, monke
     assert reminded[waiting["id"]]["hours"] >= 120 * 24 - 1 and reminded[waiting["id"]]["version"] == v2
     assert report.chain_ok and report.chain_entries > 0
     assert f"| {waiting['id']} | {other.name} |" in report.markdown()
+    assert report.mailed >= 1  # the reviewers' reminder, in the outbox (sent by the running service)
+    reminder = [m for m in world.service.outbox() if m.kind == "digest" and m.to_addr == f"{reviewer.name}@uni.edu"]
+    assert reminder and f"request {waiting['id']}: {other.name}" in reminder[-1].body
 
     again = run_housekeeping(world.service, remind_after_hours=48)
     assert grant["id"] not in [g["id"] for g in again.expired]  # recorded once

@@ -22,7 +22,7 @@ def test_a_revision_0001_database_upgrades_in_place(tmp_path: Path) -> None:
     old.dispose()
     engine = make_engine(url)  # what the service does on start
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
         assert conn.execute(text("SELECT model_name, gate, gate_reasons FROM releases")).one() == ("m", "passed", "[]")
     engine.dispose()
 
