@@ -356,6 +356,9 @@ class AccessConfig(Section):
     secret_env: str = "OPT_ACCESS_SECRET"
     """Environment variable holding the service secret (audit chain, file links); without it one is kept under `home`."""
     mail: MailConfig = MailConfig()
+    two_person_models: list[str] = []
+    """Models whose requests need two different reviewers' approvals (a 175B-class release): the first is recorded
+    (HTTP 202), the second makes the grant."""
 
     @model_validator(mode="after")
     def _bounds(self) -> AccessConfig:

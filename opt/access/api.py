@@ -179,9 +179,16 @@ def create_app(service: AccessService, authenticator: Authenticator | None = Non
     def get_request(request_id: Id, who: Caller) -> S.RequestOut:
         return S.RequestOut.of(svc.get_request(who, request_id))
 
-    @app.post("/v1/requests/{request_id}/approve", response_model=S.GrantOut)
-    def approve(request_id: Id, body: S.ApproveIn, who: Caller) -> S.GrantOut:
-        return S.GrantOut.of(svc.approve(who, request_id, body.days, body.quota))
+    @app.post(
+        "/v1/requests/{request_id}/approve",
+        response_model=S.GrantOut,
+        responses={202: {"model": S.RequestOut, "description": "two-person approval: the first of two approvals, recorded"}},
+    )
+    def approve(request_id: Id, body: S.ApproveIn, who: Caller) -> Any:
+        grant = svc.approve(who, request_id, body.days, body.quota)
+        if grant is None:
+            return JSONResponse(S.RequestOut.of(svc.get_request(who, request_id)).model_dump(mode="json"), status_code=202)
+        return S.GrantOut.of(grant)
 
     @app.post("/v1/requests/{request_id}/deny", response_model=S.RequestOut)
     def deny(request_id: Id, body: S.ReasonIn, who: Caller) -> S.RequestOut:

@@ -181,6 +181,9 @@ def cmd_grants(args: argparse.Namespace) -> None:
 
 def cmd_approve(args: argparse.Namespace) -> None:
     g = _client(args).call("POST", f"/v1/requests/{args.request_id}/approve", {"days": args.days, "quota": args.quota})
+    if "download_quota" not in g:  # 202: the first of two approvals
+        print(f"request {g['id']}: first of two approvals recorded; another reviewer must approve it too")
+        return
     print(f"grant {g['id']} for {safe(g['requester'])}: {g['download_quota']} downloads until {g['expires_at'][:16]} UTC")
 
 

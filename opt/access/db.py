@@ -163,6 +163,9 @@ class AccessRequest(Base):
     decided_at: Mapped[datetime | None]
     decided_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     decision_reason: Mapped[str | None] = mapped_column(Text)
+    first_approved_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    """Under two-person approval (`access.two_person_models`): the first reviewer's approval; a second reviewer grants."""
+    first_approved_at: Mapped[datetime | None]
     open_key: Mapped[str | None] = mapped_column(String(64), unique=True)
 
     user: Mapped[User] = relationship(lazy="joined", foreign_keys=[user_id])

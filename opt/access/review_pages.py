@@ -33,7 +33,7 @@ def add_review_pages(r: APIRouter, page: Callable[..., Any], signed_in: Callable
         history = {x.requester: [y for y in everything if y.requester == x.requester and y.id != x.id] for x in pending}
         grants = [S.GrantOut.of(g) for g in svc.list_grants(who)]
         return page(request, "review.html", status, who=who, csrf=csrf, pending=pending, history=history, grants=grants,  # type: ignore[no-any-return]
-                    limits=svc.limits, now=svc._now(), error=error, done=done[:200])  # fmt: skip
+                    limits=svc.limits, now=svc._now(), error=error, done=done[:200], two_person=svc.two_person_models)  # fmt: skip
 
     @r.get("/review")
     def review(request: Request, done: str = "") -> Response:
@@ -52,7 +52,16 @@ def add_review_pages(r: APIRouter, page: Callable[..., Any], signed_in: Callable
     @r.post("/review/{request_id}/approve")
     def approve(request: Request, request_id: int, days: Annotated[int | None, Form()] = None, quota: Annotated[int | None, Form()] = None,
                 csrf: Annotated[str, Form(max_length=200)] = "") -> Response:  # fmt: skip
-        return act(request, csrf, lambda svc, who: svc.approve(who, request_id, days, quota), f"request+{request_id}+approved")
+        done = {"v": f"request+{request_id}+approved"}
+
+        def call(svc: Any, who: Any) -> None:
+            if svc.approve(who, request_id, days, quota) is None:
+                done["v"] = f"request+{request_id}:+first+of+two+approvals+recorded"
+
+        resp = act(request, csrf, call, "")
+        if isinstance(resp, RedirectResponse):
+            return RedirectResponse(f"/portal/review?done={done['v']}", status_code=303)
+        return resp
 
     @r.post("/review/{request_id}/deny")
     def deny(request: Request, request_id: int, reason: Annotated[str, Form(max_length=2000)] = "",

@@ -153,6 +153,7 @@ class RequestOut(Out):
     created_at: datetime
     decided_at: datetime | None
     decision_reason: str | None
+    first_approved_at: datetime | None = Field(None, description="two-person approval: when the first of two reviewers approved")
     # a requester's own details; shown to reviewers, and to the requester, never to another researcher
     email: str
     affiliation: str
@@ -162,7 +163,7 @@ class RequestOut(Out):
     @classmethod
     def of(cls, r: AccessRequest) -> RequestOut:
         return cls(id=r.id, requester=r.user.name, model=r.release.model_name, version=r.release.model_version,
-                   status=RequestStatus(r.status),
+                   status=RequestStatus(r.status), first_approved_at=r.first_approved_at,
                    created_at=r.created_at, decided_at=r.decided_at, decision_reason=r.decision_reason, email=r.user.email,
                    affiliation=r.affiliation, organisation_kind=OrganisationKind(r.organisation_kind), purpose=r.purpose)  # fmt: skip
 

@@ -41,6 +41,7 @@ def build_service(cfg: AccessConfig, s3_client: Any = None) -> AccessService:
     keys = load_keys(home, cfg.secret_env)
     db_url = os.environ.get(DB_URL_ENV) or cfg.db_url  # the environment keeps a password out of files and `ps`
     service = AccessService(db_url, keys, ReleaseStore(cfg.release_root, s3_client), limits, staging_root=cfg.staging_uri)
+    service.two_person_models = frozenset(cfg.two_person_models)
     service.mail_settings = cfg.mail.model_copy(update={"portal_url": cfg.mail.portal_url or f"{cfg.url.rstrip('/')}/portal"})
     return service
 

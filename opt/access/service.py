@@ -101,13 +101,18 @@ class AccessService(Downloads):
             self._refuse(actor, "request.read", f"request:{request_id}", NotFound(f"no request {request_id} visible to you"))
         return req
 
-    def approve(self, actor: Principal, request_id: int, days: int | None = None, quota: int | None = None) -> Grant:
-        """Approve a pending request: a grant for `days` and `quota` whole downloads, within the server's limits."""
+    def approve(self, actor: Principal, request_id: int, days: int | None = None, quota: int | None = None) -> Grant | None:
+        """Approve a pending request: a grant for `days` and `quota` whole downloads, within the server's limits.
+
+        Under two-person approval (the release's model in `two_person_models`) the first reviewer's approval is
+        recorded and returns None; the grant comes from a second, different reviewer's approval."""
         subject = f"request:{request_id}"
         self._need_reviewer(actor, "request.approve", subject)
         lim = self.limits
         days = self._bounded(actor, "request.approve", subject, "days", days, lim.grant_days, lim.max_grant_days)
         quota = self._bounded(actor, "request.approve", subject, "quota", quota, lim.download_quota, lim.max_download_quota)
+        if self._first_of_two(actor, request_id, subject, days, quota):
+            return None
         now = self._now()
         try:
             with self._sessions.begin() as s:
@@ -127,6 +132,41 @@ class AccessService(Downloads):
         except _Refusal as r:
             self._refuse(actor, "request.approve", subject, r.error)
         return self._grant(grant_id)
+
+    two_person_models: frozenset[str] = frozenset()
+    """Models whose requests need two reviewers' approvals (`access.two_person_models`)."""
+
+    def _first_of_two(self, actor: Principal, request_id: int, subject: str, days: int, quota: int) -> bool:
+        """True when this approval is the first of two (recorded); refuses the first reviewer approving twice."""
+        if not self.two_person_models:
+            return False
+        with self._sessions.begin() as s:
+            req = s.get(AccessRequest, request_id)
+            if req is None or req.status != RequestStatus.PENDING or req.release.model_name not in self.two_person_models:
+                return False  # the usual path refuses what is not pending
+            if req.user_id == actor.user_id:
+                return False  # the usual path refuses a reviewer's own request
+            if req.first_approved_by == actor.user_id:
+                refusal: AccessError | AccessDenied = AccessDenied("second approval by the same reviewer",
+                                                                   "two-person approval: another reviewer must approve too")  # fmt: skip
+            elif req.first_approved_by is None:
+                done = rowcount(s.execute(update(AccessRequest).where(
+                    AccessRequest.id == request_id, AccessRequest.first_approved_by.is_(None), AccessRequest.status == RequestStatus.PENDING
+                ).values(first_approved_by=actor.user_id, first_approved_at=self._now())))  # fmt: skip
+                if done != 1:
+                    refusal = Conflict(f"request {request_id} was approved by another reviewer meanwhile; reload and approve again")
+                else:
+                    self._audit(s, actor.name, "request.approved_first", subject, {"days": days, "quota": quota})
+                    rel = req.release
+                    title = f"[OPT access] request {req.id} needs a second approval ({rel.model_name} v{rel.model_version})"
+                    self._mail_reviewers(s, title,
+                                         f"{actor.name} approved request {req.id} by {req.user.name}; {rel.model_name} needs two "
+                                         f"reviewers. Review it: {self.portal_link('/review')}\n", "request.approved_first",
+                                         except_user=actor.user_id)  # fmt: skip
+                    return True
+            else:
+                return False  # the second approval, by another reviewer: the grant
+        self._refuse(actor, "request.approve", subject, refusal)
 
     def deny(self, actor: Principal, request_id: int, reason: str) -> AccessRequest:
         """Deny a pending request with a reason the requester sees; they may apply again."""

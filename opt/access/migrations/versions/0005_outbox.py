@@ -1,4 +1,4 @@
-"""the outbox: emails written with the decisions they tell of, sent and retried apart from them
+"""the outbox (emails written with the decisions they tell of), and two-person approval's first approval
 
 Revision ID: 0005
 Revises: 0004
@@ -34,8 +34,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index(op.f("ix_outbox_next_attempt_at"), "outbox", ["next_attempt_at"], unique=False)
+    with op.batch_alter_table("access_requests", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("first_approved_by", sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column("first_approved_at", UTCDateTime(timezone=True), nullable=True))
+        batch_op.create_foreign_key("fk_access_requests_first_approved_by_users", "users", ["first_approved_by"], ["id"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("access_requests", schema=None) as batch_op:
+        batch_op.drop_constraint("fk_access_requests_first_approved_by_users", type_="foreignkey")
+        batch_op.drop_column("first_approved_at")
+        batch_op.drop_column("first_approved_by")
     op.drop_index(op.f("ix_outbox_next_attempt_at"), table_name="outbox")
     op.drop_table("outbox")
