@@ -94,3 +94,20 @@ def test_requests_and_decisions_are_mailed_and_survive_an_outage(world, smtp, mo
     denied = inbox.to(_addr(researcher))[-1]
     assert "denied" in denied["Subject"] and "name the sizes you need" in denied.get_payload()
     assert not [m for m in world.service.outbox(unsent_only=True) if m.to_addr == _addr(researcher)]
+
+
+def test_reviewers_on_the_digest_hear_once_a_day(world, smtp):
+    from opt.access.housekeeping import run_housekeeping
+
+    inbox, _, port = smtp
+    world.service.mail_settings = MailConfig(host="127.0.0.1", port=port, security="none", reviewers="digest")
+    researcher, reviewer = world.person(), world.person("reviewer")
+    model, version, _ = world.release()
+    req = world.request(researcher, model, version)
+    _drain(world.service)
+    assert not [m for m in inbox.to(_addr(reviewer)) if f"request {req['id']}" in m["Subject"]]  # nothing at once
+    report = run_housekeeping(world.service, remind_after_hours=48)
+    assert report.mailed >= 1
+    _drain(world.service)
+    digest = inbox.to(_addr(reviewer))[-1]
+    assert "waiting for a review" in digest["Subject"] and f"request {req['id']}: {researcher.name}" in digest.get_payload()
