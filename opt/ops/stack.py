@@ -166,7 +166,9 @@ class Stack:
 
     def run(self) -> None:
         """Start, print the URLs, and wait: Ctrl-C or SIGTERM stops the stack; so does any part that exits."""
+        # our own handlers: a parent that ignores SIGINT (a background job of a non-interactive shell) would pass that on
         previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous_int = signal.signal(signal.SIGINT, _interrupt)
         try:
             urls = self.start()
             print("the stack is up (Ctrl-C stops it all):")
@@ -186,4 +188,5 @@ class Stack:
         finally:
             self.stop()
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
         print("stack stopped")
