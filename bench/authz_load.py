@@ -9,7 +9,7 @@ the quota storm: `--storm` threads at once starting and completing whole downloa
 never more than the quota may be granted. Prints a table, then one JSON line.
 
     python bench/authz_load.py                  # both backends, 16 clients, 10 s each
-    python bench/authz_load.py --quick          # SQLite only, 3 s
+    python bench/authz_load.py --quick          # SQLite only, 1.5 s
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.backends, args.seconds, args.clients, args.storm = "sqlite", 3.0, 4, 8
+        args.backends, args.seconds, args.clients, args.storm, args.researchers, args.files = "sqlite", 1.5, 4, 8, 2, 10
     root = Path(tempfile.mkdtemp(prefix="bench-authz-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres") if shutil.which("runuser") else None

@@ -11,7 +11,7 @@ MB/s of files written; each side's median over `--rounds` alternating rounds, in
 table, then one JSON line.
 
     python bench/download.py                      # 2048 MB in 64 shards
-    python bench/download.py --quick              # 64 MB in 8 shards (smoke test)
+    python bench/download.py --quick              # 32 MB in 4 shards (smoke test)
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.size_mb, args.shards, args.rounds = 64, 8, 1
+        args.size_mb, args.shards, args.rounds = 32, 4, 1
     from opt.access.server import build_service
     from opt.config import AccessConfig
 

@@ -87,9 +87,10 @@ def mlflow_server(pipeline_run):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """The session's one real `prefect server start` (its own SQLite database), as its API URL."""
+    """The session's one real `prefect server start` (its own SQLite database), as its API URL. Module-scoped: only
+    tests/integration/test_schedule.py uses it, and its services (looping every 2 s) stop with that module."""
     from tests.conftest import _free_port
     from tests.prefect_server import start_server, stop
 
@@ -100,7 +101,7 @@ def prefect_server(tmp_path_factory):
         stop(proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mlflow_pg_server(tmp_path_factory, postgres_url):
     """A real `mlflow server` whose backend store is PostgreSQL (Debian's server, the session's), as its URL."""
     import signal
@@ -115,6 +116,7 @@ def mlflow_pg_server(tmp_path_factory, postgres_url):
 
     root = tmp_path_factory.mktemp("mlflow-pg")
     with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS mlflow")
         conn.execute("CREATE DATABASE mlflow")
     store = postgres_url.rsplit("/", 1)[0] + "/mlflow"
     port = _free_port()

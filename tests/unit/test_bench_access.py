@@ -11,7 +11,7 @@ from tests.conftest import load_bench
 def test_download_bench_compares_the_service_with_a_static_server(capsys) -> None:  # type: ignore[no-untyped-def]
     out = load_bench("download").main(["--quick"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "download"
-    assert out["ours_mb_per_s"] > 0 and out["peer_mb_per_s"] > 0 and out["size_mb"] == 64
+    assert out["ours_mb_per_s"] > 0 and out["peer_mb_per_s"] > 0 and out["size_mb"] == 32
 
 
 def test_authz_load_bench_holds_the_quota_under_a_storm(capsys) -> None:  # type: ignore[no-untyped-def]
