@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,9 +50,9 @@ def pipeline_run(tmp_path_factory, ray_session):
     return root, summary
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(pipeline_run):
-    """The session's one `mlflow server`, over the pipeline's own tracking database and artifact store."""
+@contextmanager
+def _mlflow_server(backend_store: str, artifacts: Path, log_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port for the block (its URL); SIGTERM to its group afterwards."""
     import signal
     import subprocess
     import sys
@@ -60,12 +62,10 @@ def mlflow_server(pipeline_run):
 
     from tests.conftest import _free_port
 
-    root, _ = pipeline_run
     port = _free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--serve-artifacts", "--artifacts-destination", str(root / "mlartifacts")]  # fmt: skip
-    with open(root / "mlflow-server.log", "w") as log:
+           "--backend-store-uri", backend_store, "--serve-artifacts", "--artifacts-destination", str(artifacts)]  # fmt: skip
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its job runners too
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
         try:
@@ -76,7 +76,7 @@ def mlflow_server(pipeline_run):
                 except httpx.HTTPError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(root / 'mlflow-server.log').read_text()[-2000:]}")
+                    pytest.fail(f"mlflow server ({backend_store.split(':')[0]}) did not start: {log_path.read_text()[-2000:]}")
                 time.sleep(0.5)
             yield url
         finally:
@@ -85,6 +85,14 @@ def mlflow_server(pipeline_run):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(pipeline_run):
+    """The session's `mlflow server` over the pipeline's own tracking database and artifact store."""
+    root, _ = pipeline_run
+    with _mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts", root / "mlflow-server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -104,41 +112,11 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mlflow_pg_server(tmp_path_factory, postgres_url):
     """A real `mlflow server` whose backend store is PostgreSQL (Debian's server, the session's), as its URL."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import httpx
     import psycopg
-
-    from tests.conftest import _free_port
 
     root = tmp_path_factory.mktemp("mlflow-pg")
     with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS mlflow")
         conn.execute("CREATE DATABASE mlflow")
-    store = postgres_url.rsplit("/", 1)[0] + "/mlflow"
-    port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", store, "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
-        try:
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server (PostgreSQL) did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+    with _mlflow_server(postgres_url.rsplit("/", 1)[0] + "/mlflow", root / "artifacts", root / "server.log") as url:
+        yield url
