@@ -32,7 +32,9 @@ def add_review_pages(r: APIRouter, page: Callable[..., Any], signed_in: Callable
         pending = sorted((x for x in everything if x.status == RequestStatus.PENDING), key=lambda x: (x.created_at, x.id))
         history = {x.requester: [y for y in everything if y.requester == x.requester and y.id != x.id] for x in pending}
         grants = [S.GrantOut.of(g) for g in svc.list_grants(who)]
+        their_grants = {x.requester: [g for g in grants if g.requester == x.requester] for x in pending}
         return page(request, "review.html", status, who=who, csrf=csrf, pending=pending, history=history, grants=grants,  # type: ignore[no-any-return]
+                    their_grants=their_grants,
                     limits=svc.limits, now=svc._now(), error=error, done=done[:200], two_person=svc.two_person_models)  # fmt: skip
 
     @r.get("/review")

@@ -136,6 +136,7 @@ def test_tokens_audit_a_denial_a_new_request_and_sign_out(world):
     researcher, reviewer = world.person(), world.person("reviewer")
     for who in (researcher, reviewer):
         world.service.set_password(who.name, PASSWORD)
+    *_, earlier = world.granted(researcher, world.person("reviewer"))  # an earlier grant, of another release
     model, version, _ = world.release()
     first = world.request(researcher, model, version)
     assert reviewer.http.post(f"/v1/requests/{first['id']}/deny", json={"reason": "say which sizes you need"}).status_code == 200
@@ -177,6 +178,10 @@ def test_tokens_audit_a_denial_a_new_request_and_sign_out(world):
         assert page.url.endswith("/portal/signin")  # the session is over, not only the cookie
 
         _sign_in(page, url, reviewer.name)
+        page.goto(f"{url}/portal/review", wait_until="load")  # the new request, with the requester's history
+        card = page.locator("article.pending-request", has_text=researcher.name)
+        assert f"request {first['id']} ({model} v{version}, denied: say which sizes you need)" in card.inner_text()
+        assert f"grant {earlier['id']} (" in card.locator("p.their-grants").inner_text() and "active" in card.inner_text()
         page.goto(f"{url}/portal/audit?action=request.denied&subject=request:{first['id']}", wait_until="load")
         rows = page.locator("tr.audit")
         assert rows.count() == 1 and reviewer.name in rows.first.inner_text() and "say which sizes" in rows.first.inner_text()
