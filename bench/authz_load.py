@@ -19,7 +19,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from opt.access.server import free_port  # noqa: E402
+
 BENCH = "authz_load"
 BIN = Path(sys.executable).parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Postgres:
@@ -48,7 +43,7 @@ class Postgres:
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not bins:
             raise SystemExit("no PostgreSQL server binaries (apt-get install postgresql); run with --backends sqlite")
-        self.bin, self.root, self.port = Path(bins[-1]).parent, root, _port()
+        self.bin, self.root, self.port = Path(bins[-1]).parent, root, free_port()
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         root.mkdir(parents=True)
         if self.as_user:
@@ -191,7 +186,7 @@ def run_backend(name: str, root: Path, args: argparse.Namespace) -> dict:
         db_url = pg.start()
     else:
         db_url = f"sqlite:///{home / 'access.db'}"
-    port = _port()
+    port = free_port()
     proc = None
     try:
         tokens, reviewer, paths = _world(home, db_url, args.researchers + 1, args.files)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from opt.access.server import free_port  # noqa: E402
+
 BENCH = "download"
 BIN = Path(sys.executable).parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -110,14 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
         release_dir = Path(rel.location)
         service.close()
 
-        port = _port()
+        port = free_port()
         sets = [f"access.home={home}", f"access.db_url=sqlite:///{home / 'access.db'}", f"access.release_root={home / 'releases'}",
                 "access.max_download_quota=100"]  # fmt: skip
         env = {**os.environ, "OPT_ACCESS_URL": f"http://127.0.0.1:{port}"}
         cmd = [str(BIN / "optctl"), "access", "serve", "--port", str(port), *[a for kv in sets for a in ("--set", kv)]]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         _wait(f"http://127.0.0.1:{port}/v1/health", procs[-1])
-        peer_port = _port()
+        peer_port = free_port()
         procs.append(subprocess.Popen([sys.executable, "-m", "http.server", str(peer_port), "--bind", "127.0.0.1", "--directory",
                                        str(release_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         _wait(f"http://127.0.0.1:{peer_port}/", procs[-1])

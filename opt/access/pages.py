@@ -143,8 +143,7 @@ def router() -> APIRouter:
             rel = S.ReleaseOut.of(svc.release(who, model[:200], version[:64]))
         except AccessError as e:
             return page(request, "message.html", 404, who=who, csrf=csrf, title="No such release", message=str(e))
-        email = next((u.email for u in [svc.user_of(who)]), "")
-        return page(request, "request.html", who=who, csrf=csrf, release=rel, email=email, error=None, form={})
+        return page(request, "request.html", who=who, csrf=csrf, release=rel, email=svc.user_of(who).email, error=None, form={})
 
     @r.post("/request", response_class=HTMLResponse)
     def file_request(request: Request, model: Annotated[str, Form(max_length=200)], version: Annotated[str, Form(max_length=64)],
