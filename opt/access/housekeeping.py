@@ -60,7 +60,7 @@ def run_housekeeping(service: Any, remind_after_hours: float) -> HousekeepingRep
     with service._sessions.begin() as s:
         recorded = set(s.scalars(select(AuditEntry.subject).where(AuditEntry.action == "grant.expired")))
         for g in s.scalars(select(Grant).where(Grant.revoked_at.is_(None)).order_by(Grant.id)):
-            expires = g.expires_at if g.expires_at.tzinfo else g.expires_at.replace(tzinfo=now.tzinfo)
+            expires = _aware(g.expires_at, now.tzinfo)
             if expires > now or f"grant:{g.id}" in recorded:
                 continue
             rel, who = g.request.release, g.request.user.name
@@ -71,7 +71,7 @@ def run_housekeeping(service: Any, remind_after_hours: float) -> HousekeepingRep
         cutoff = now - timedelta(hours=remind_after_hours)
         pending = s.scalars(select(AccessRequest).where(AccessRequest.status == RequestStatus.PENDING).order_by(AccessRequest.id))
         for r in pending:
-            created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=now.tzinfo)
+            created = _aware(r.created_at, now.tzinfo)
             if created > cutoff:
                 continue
             row = {"id": r.id, "requester": r.user.name, "model": r.release.model_name, "version": r.release.model_version,
