@@ -51,8 +51,42 @@ def _iter_meta(work: WorkDir, units: list[Unit]) -> Iterator[tuple[int, str, dic
             g += 1
 
 
-def dedup_stage(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.ndarray, stats: dict[str, SourceStats]) -> None:
-    """Exact then near duplicates across all sources; writes keep/split masks and the duplicates report."""
+def _shingle_source(work: WorkDir, units: list[Unit], offsets: np.ndarray, data: DataConfig) -> Any:
+    """The near pass's ShingleSource: reads only the units holding a wanted document, each only as far as its last one."""
+    from opt.data.minhash import MinHasher
+
+    hasher = MinHasher(data.dedup.num_perm, data.dedup.ngram)
+
+    def source(docs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        for k, u in enumerate(units):
+            lo, hi = int(offsets[k]), int(offsets[k + 1])
+            wanted = docs[(docs >= lo) & (docs < hi)].tolist()
+            if not wanted:
+                continue
+            batch: list[int] = []
+            texts: list[str] = []
+            w = 0
+            for g, doc in enumerate(read_docs(work, u.id), start=lo):
+                if g == wanted[w]:
+                    batch.append(g)
+                    texts.append(doc["t"])
+                    w += 1
+                    if len(batch) >= 1024 or w == len(wanted):
+                        yield from zip(batch, hasher.shingle_hashes(texts), strict=True)
+                        batch, texts = [], []
+                    if w == len(wanted):
+                        break
+
+    return source
+
+
+def dedup_stage(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.ndarray, stats: dict[str, SourceStats]) -> dict[str, Any]:
+    """Exact then near duplicates across all sources; writes keep/split masks and the duplicates report.
+
+    Returns the near pass's counts (bands, candidate pairs checked and rejected) for the manifest.
+    """
+    from dataclasses import asdict
+
     from opt.data.dedup import find_duplicates
 
     done = work.is_done("dedup", "all")
@@ -63,7 +97,8 @@ def dedup_stage(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.
         sigs = _concat(work, units, "sig.u32", "uint32", work.path("dedup", "sigs.u32")).reshape(n, data.dedup.num_perm)
         keys = hashes if data.dedup.exact else np.arange(n, dtype=np.uint64)
         spill = work.path("dedup", "spill", "x").parent
-        result = find_duplicates(keys, sigs, threshold=data.dedup.threshold, work_dir=spill, near=data.dedup.near)
+        shingles = _shingle_source(work, units, offsets, data)
+        result = find_duplicates(keys, sigs, threshold=data.dedup.threshold, work_dir=spill, near=data.dedup.near, shingles=shingles)
         keep = result.keep.astype(np.uint8)
         # validation split by content hash, so it is stable across re-runs and machines
         split = (hashes.astype(np.float64) / 2.0**64 < data.valid_fraction).astype(np.uint8)
@@ -82,9 +117,11 @@ def dedup_stage(work: WorkDir, data: DataConfig, units: list[Unit], offsets: np.
         for p in (work.root / "dedup" / "hashes.u64", work.root / "dedup" / "sigs.u32"):
             p.unlink()
         outputs = [work.root / "dedup" / f for f in ("keep.u8", "split.u8", DUPLICATES_FILE)]
-        done = work.mark_done("dedup", "all", outputs, {"duplicates": counts})
+        near = asdict(result.near_stats) if result.near_stats is not None else {}
+        done = work.mark_done("dedup", "all", outputs, {"duplicates": counts, "near": near})
     for name, c in done["result"]["duplicates"].items():
         stats[name].exact_duplicates, stats[name].near_duplicates = c["exact"], c["near"]
+    return dict(done["result"].get("near", {}))
 
 
 def _write_report(work: WorkDir, units: list[Unit], result: Any) -> None:
@@ -108,6 +145,8 @@ def _write_report(work: WorkDir, units: list[Unit], result: Any) -> None:
                 "similarity": 1.0 if exact else round(float(result.near_similarity[g]), 4),
                 "duplicate_of": kept_meta[int(target[g])],
             }  # fmt: skip
+            if not exact:  # `similarity` is the exact Jaccard of the shingle sets; the MinHash estimate beside it
+                line["estimate"] = round(float(result.near_estimate[g]), 4)
             out.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
 
 
@@ -193,7 +232,7 @@ def _merge_quarantine(work: WorkDir, source: str, units: list[Unit], extra: list
 
 def publish(
     work: WorkDir, data: DataConfig, did: str, uri: str, inputs: list[dict[str, Any]], stats: dict[str, SourceStats],
-    vocab: int, token_dtype: str, units: list[Unit], extra_quarantine: dict[str, list[Path]],
+    vocab: int, token_dtype: str, units: list[Unit], extra_quarantine: dict[str, list[Path]], near: dict[str, Any],
 ) -> DatasetManifest:  # fmt: skip
     """Copy the outputs into the store and write the manifest last (its presence marks the dataset complete)."""
     local: dict[str, Path] = {f"tokenizer/{TOKENIZER_FILE}": work.root / "tokenizer" / TOKENIZER_FILE}
@@ -221,6 +260,7 @@ def publish(
         config=data.model_dump(mode="json", exclude={"workers"}),  # how fast it was built is not what was built
         token_dtype=token_dtype,
         weights={s.name: s.weight for s in data.sources},
+        dedup=near,
     )
     storage.write_text(storage.join(uri, MANIFEST_FILE), manifest.to_json())
     return manifest

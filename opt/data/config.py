@@ -86,7 +86,8 @@ class DedupConfig(_Section):
     near: bool = True
     """Drop near duplicates found by MinHash LSH."""
     threshold: float = Field(0.95, gt=0.5, le=1.0)
-    """Estimated Jaccard similarity of word 5-gram shingles at which two documents are duplicates (OPT: 0.95)."""
+    """Jaccard similarity of word n-gram shingle sets at which two documents are near duplicates (OPT: 0.95): MinHash
+    LSH proposes candidate pairs, and each is decided by the exact Jaccard of the two documents' shingles."""
     num_perm: int = Field(128, ge=16, le=1024)
     """MinHash permutations (signature length)."""
     ngram: int = Field(5, ge=1, le=32)

@@ -5,20 +5,25 @@ working set is about 1/partitions of the records instead of every hash and band 
 
     exact:  key = the caller's uint64 hash of the normalised text; equal keys -> the lowest index survives.
     near:   exact survivors only; key = 64-bit hash of each LSH band of the signature; docs sharing a key are
-            candidates, verified by the fraction of equal signature entries, and verified pairs are merged with a
-            union-find whose root is always the lowest index of its cluster.
+            candidates. Candidate pairs are spilled by range of their lower index, then each is decided by the
+            exact Jaccard of the two shingle sets (`opt.data.jaccard`; only candidate documents are read), and
+            accepted pairs are merged with a union-find whose root is always the lowest index of its cluster.
+            Without a shingle source the decision falls back to the signature estimate (fraction of equal entries).
 
 Global index order is priority. Every key's group lands whole in one partition with its members in index order,
 and connected components do not depend on the order edges arrive in, so the result is the same for any partition
 count and any processing order.
 
-Memory per document, besides the inputs (which may be np.memmap): the outputs (1 + 8 + 8 + 4 = 21 bytes; the
-union-find array becomes `near_of`), plus per partition 12 bytes per record (1 exact record, `bands` near records
-per document) and the sort of that partition. Disk: 12 * (1 + bands) bytes per document, deleted when done.
+Memory per document, besides the inputs (which may be np.memmap): the outputs (1 + 8 + 8 + 4 + 4 = 25 bytes; the
+union-find array becomes `near_of`) and a candidate mask (1 byte), plus per partition 12 bytes per record (1 exact
+record, `bands` near records per document) and the sort of that partition; for the exact decision, 16 bytes per
+candidate document and one pair file (16 bytes per pair) at a time. Disk: 12 * (1 + bands) bytes per document,
+16 bytes per candidate pair and 8 per shingle of each candidate document, deleted when done.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -30,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from opt.data.minhash import fmix64, lsh_params
+from opt.data.jaccard import PairSpill, ShingleSource, ShingleStore, passes
+from opt.data.minhash import fmix64, recall_bands
 
 # Rows of hashes or signatures read from (possibly memory-mapped) inputs per step: 65536 x 128 uint32 = 32 MiB.
 _CHUNK_ROWS = 1 << 16
@@ -39,15 +45,35 @@ _PAIR_BATCH = 1 << 14
 # Groups sharing a band key with at most this many members are verified on all pairs (at most 28); larger groups
 # only against their lowest index plus consecutive members, so 1000 identical documents make ~2000 pairs, not 5e5.
 _ALL_PAIRS_MAX = 8
-# (false positive, false negative) weights for choosing bands x rows. datasketch's default 0.5/0.5 picks 3 x 42 at
-# threshold 0.95, which makes only 31% of pairs at exactly 0.95 (62% at 0.97) candidates. Here every candidate is
-# verified on its full signature, so a spurious candidate costs one comparison while a missed one leaves a duplicate
-# in the training set; 0.02/0.98 picks 7 x 18: 97% of pairs at 0.95 become candidates, 12% of those at 0.8.
-DEDUP_LSH_WEIGHTS = (0.02, 0.98)
+# Bands x rows: `recall_bands` takes the most rows (fewest spurious candidates) that still make a pair at exactly
+# the threshold a candidate with probability >= 1 - DEDUP_LSH_MISS. At 0.95 and 128 permutations that is 10 x 12:
+# 99.96% of pairs at 0.95 become candidates, 99.99% at 0.96, 51% at 0.8, 0.2% at 0.5. datasketch's default weights
+# pick 3 x 42 (31% at 0.95). A spurious candidate costs one exact comparison; a missed one leaves a copy in.
+DEDUP_LSH_MISS = 1e-3
+
+log = logging.getLogger(__name__)
 
 _U64 = np.uint64
 _BAND_MUL = _U64(0x9E3779B97F4A7C15)
 _SHIFT_32 = _U64(32)
+
+
+@dataclass
+class NearStats:
+    """Counts of the near pass, for the dataset manifest."""
+
+    bands: int
+    rows: int
+    decision: str
+    """`exact_jaccard` (shingle sets) or `estimate` (signature agreement)."""
+    candidate_pairs: int = 0
+    """Distinct pairs that shared a band key."""
+    checked: int = 0
+    """Candidate pairs decided; the others were already joined through other pairs."""
+    rejected: int = 0
+    """Checked pairs below the threshold."""
+    candidate_docs: int = 0
+    """Documents in some candidate pair (the exact decision reads only these)."""
 
 
 @dataclass
@@ -61,7 +87,12 @@ class DedupResult:
     near_of: np.ndarray
     """int64 (n,): -1, or the index of the kept document that survives this document's near-duplicate cluster."""
     near_similarity: np.ndarray
-    """float32 (n,): estimated Jaccard (fraction of equal signature entries) to `near_of`; 0 where none."""
+    """float32 (n,): Jaccard to `near_of`, exact when a shingle source decided (else the estimate); 0 where none.
+    A cluster member joined through another member can be below the threshold to the survivor itself."""
+    near_estimate: np.ndarray
+    """float32 (n,): the signature estimate of the same Jaccard (fraction of equal entries); 0 where none."""
+    near_stats: NearStats | None = None
+    """How the near pass decided; None when it did not run."""
 
     @property
     def exact_count(self) -> int:
@@ -83,18 +114,20 @@ def find_duplicates(
     near: bool = True,
     *,
     bands: tuple[int, int] | None = None,
+    shingles: ShingleSource | None = None,
 ) -> DedupResult:
     """Exact then near-duplicate detection; the lowest index of every duplicate set survives.
 
     Args:
         exact_hashes: uint64 (n,), a hash of each document's normalised text (np.memmap is fine).
         signatures: uint32 (n, num_perm) MinHash signatures from `opt.data.minhash.MinHasher` (np.memmap is fine).
-        threshold: Jaccard threshold; a candidate pair is a near duplicate when at least this fraction of its
-            signature entries are equal.
+        threshold: Jaccard threshold; a candidate pair is a near duplicate when its Jaccard is at least this.
         work_dir: directory for the spill files (a private subdirectory is created and removed); None = system temp.
         partitions: number of spill files per pass; peak memory of the sort is ~1/partitions of all records.
         near: False runs exact deduplication only.
-        bands: (bands, rows) override; default `lsh_params(threshold, num_perm, *DEDUP_LSH_WEIGHTS)`.
+        bands: (bands, rows) override; default `recall_bands(threshold, num_perm, DEDUP_LSH_MISS)`.
+        shingles: the documents' shingle hashes (see `opt.data.jaccard.ShingleSource`), asked only for candidate
+            documents: candidates are then decided by exact Jaccard. None decides by the signature estimate.
     """
     n = len(exact_hashes)
     if np.ndim(exact_hashes) != 1:
@@ -109,6 +142,8 @@ def find_duplicates(
     exact_of = np.full(n, -1, dtype=np.int64)
     near_of: np.ndarray | None = None  # the near pass returns its union-find array as near_of: no second n-array
     similarity = np.zeros(n, dtype=np.float32)
+    estimate = np.zeros(n, dtype=np.float32)
+    stats: NearStats | None = None
     if n > 1:
         # 12-byte records while document indices fit in uint32 (n < 4.3e9), 16-byte beyond.
         doc_dtype = np.dtype(np.uint32) if n < 2**32 else np.dtype(np.int64)
@@ -116,17 +151,22 @@ def find_duplicates(
             _exact_pass(exact_hashes, exact_of, _Partitions(spill, "exact", partitions, doc_dtype))
             if near:
                 num_perm = signatures.shape[1]
-                b, r = bands if bands is not None else lsh_params(threshold, num_perm, *DEDUP_LSH_WEIGHTS)
+                b, r = bands if bands is not None else recall_bands(threshold, num_perm, DEDUP_LSH_MISS)
                 if b < 1 or r < 1 or b * r > num_perm:
                     raise ValueError(f"bands x rows = {b} x {r} must be positive and fit num_perm={num_perm}")
-                min_equal = math.ceil(threshold * num_perm - 1e-9)
+                stats = NearStats(bands=b, rows=r, decision="estimate" if shingles is None else "exact_jaccard")
                 parts = _Partitions(spill, "band", partitions, doc_dtype)
-                near_of = _near_pass(signatures, exact_of, b, r, min_equal, parts)
-                _fill_similarity(signatures, near_of, similarity)
+                decider = _Decider(signatures, threshold, shingles, spill, partitions)
+                try:
+                    near_of = _near_pass(signatures, exact_of, parts, stats, decider)
+                    _fill_estimate(signatures, near_of, estimate)
+                    similarity = decider.similarity(near_of, estimate)
+                finally:
+                    decider.close()
     if near_of is None:
         near_of = np.full(n, -1, dtype=np.int64)
     keep = (exact_of < 0) & (near_of < 0)
-    return DedupResult(keep=keep, exact_of=exact_of, near_of=near_of, near_similarity=similarity)
+    return DedupResult(keep, exact_of, near_of, similarity, estimate, stats)
 
 
 @contextmanager
@@ -214,8 +254,8 @@ def _band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def _near_pass(signatures: np.ndarray, exact_of: np.ndarray, bands: int, rows: int, min_equal: int, parts: _Partitions) -> np.ndarray:
-    """near_of for the exact survivors: -1, or the lowest index of the document's verified near-duplicate cluster."""
+def _near_pass(signatures: np.ndarray, exact_of: np.ndarray, parts: _Partitions, stats: NearStats, decider: _Decider) -> np.ndarray:
+    """near_of for the exact survivors: -1, or the lowest index of the document's near-duplicate cluster."""
     n = len(exact_of)
     for s in range(0, n, _CHUNK_ROWS):
         e = min(s + _CHUNK_ROWS, n)
@@ -223,7 +263,7 @@ def _near_pass(signatures: np.ndarray, exact_of: np.ndarray, bands: int, rows: i
         if survivors.size:
             sig = np.asarray(signatures[s:e])[survivors]
             # Row-major ravel: records go out in document order, as _Partitions.append requires.
-            parts.append(_band_keys(sig, bands, rows).ravel(), np.repeat(survivors + s, bands))
+            parts.append(_band_keys(sig, stats.bands, stats.rows).ravel(), np.repeat(survivors + s, stats.bands))
 
     # Union-find over document indices. Links always point from the larger to the smaller index, so a root is the
     # lowest index of its cluster, whatever order the pairs are merged in.
@@ -232,9 +272,8 @@ def _near_pass(signatures: np.ndarray, exact_of: np.ndarray, bands: int, rows: i
         keys, docs = parts.read(p)
         a, b = _candidate_pairs(keys, docs)
         if a.size:
-            ra, rb = _find(parent, a), _find(parent, b)
-            todo = ra != rb  # already in one cluster (an earlier band or partition): no need to verify again
-            _verify_and_union(parent, a[todo], b[todo], signatures, min_equal)
+            decider.candidates(parent, a, b, stats)
+    decider.decide(parent, stats)
 
     # Resolve every document to its root and turn the array into near_of in place (-1 for roots). High chunks go
     # first: a find only walks to lower indices, which must still hold parent links, not -1.
@@ -244,6 +283,81 @@ def _near_pass(signatures: np.ndarray, exact_of: np.ndarray, bands: int, rows: i
         roots[roots == idx] = -1
         parent[idx] = roots
     return parent
+
+
+class _Decider:
+    """Decides candidate pairs: by exact Jaccard when a shingle source is given, else by signature agreement.
+
+    The estimate decides each band partition's pairs at once. The exact decision first collects every pair (spilled
+    by range of the lower index) and the set of candidate documents, then reads those documents' shingles once and
+    decides one pair file at a time. Either way a pair whose two documents are already in one cluster is skipped:
+    it cannot change the clusters, so the result does not depend on the order pairs are decided in.
+    """
+
+    def __init__(self, signatures: np.ndarray, threshold: float, shingles: ShingleSource | None, spill: Path, partitions: int) -> None:
+        n = len(signatures)
+        self.signatures, self.threshold, self.shingles, self.spill = signatures, threshold, shingles, spill
+        self.min_equal = math.ceil(threshold * signatures.shape[1] - 1e-9)
+        self.store: ShingleStore | None = None
+        if shingles is not None:
+            self.pairs = PairSpill(spill, n, partitions)
+            self.is_candidate = np.zeros(n, dtype=bool)
+
+    def candidates(self, parent: np.ndarray, a: np.ndarray, b: np.ndarray, stats: NearStats) -> None:
+        if self.shingles is not None:
+            self.pairs.append(a, b)
+            self.is_candidate[a] = self.is_candidate[b] = True
+            return
+        stats.candidate_pairs += len(a)
+        for s in range(0, len(a), _PAIR_BATCH):
+            pa, pb = _unjoined(parent, a[s : s + _PAIR_BATCH], b[s : s + _PAIR_BATCH])
+            equal = np.count_nonzero(np.asarray(self.signatures[pa]) == np.asarray(self.signatures[pb]), axis=1)
+            ok = equal >= self.min_equal
+            stats.checked += len(pa)
+            stats.rejected += int(np.count_nonzero(~ok))
+            _union(parent, pa[ok], pb[ok])
+
+    def decide(self, parent: np.ndarray, stats: NearStats) -> None:
+        if self.shingles is None:
+            return
+        docs = np.flatnonzero(self.is_candidate)
+        del self.is_candidate
+        stats.candidate_docs = len(docs)
+        log.info("near dedup: reading the shingles of %d candidate documents", len(docs))
+        self.store = ShingleStore(self.spill / "shingles.u64", docs, self.shingles)
+        for p in range(self.pairs.count):
+            a, b = self.pairs.read(p)
+            stats.candidate_pairs += len(a)
+            for s in range(0, len(a), _PAIR_BATCH):
+                pa, pb = _unjoined(parent, a[s : s + _PAIR_BATCH], b[s : s + _PAIR_BATCH])
+                ok = passes(self.store.jaccard(pa, pb, self.threshold), self.threshold)
+                stats.checked += len(pa)
+                stats.rejected += int(np.count_nonzero(~ok))
+                _union(parent, pa[ok], pb[ok])
+        log.info("near dedup: %d candidate pairs, %d checked, %d rejected", stats.candidate_pairs, stats.checked, stats.rejected)
+
+    def similarity(self, near_of: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+        """Jaccard of each removed document to its survivor: exact when decided exactly, else the estimate."""
+        if self.store is None:
+            return estimate.copy()
+        out = np.zeros(len(near_of), dtype=np.float32)
+        members = np.flatnonzero(near_of >= 0)
+        for s in range(0, len(members), _PAIR_BATCH):
+            i = members[s : s + _PAIR_BATCH]
+            order = np.argsort(near_of[i], kind="stable")  # by survivor: each survivor's set is read once
+            out[i[order]] = self.store.jaccard(near_of[i][order], i[order], 0.0)
+        return out
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+def _unjoined(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs whose documents are not yet in one cluster."""
+    todo = _find(parent, a) != _find(parent, b)
+    return a[todo], b[todo]
 
 
 def _candidate_pairs(keys: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,19 +414,10 @@ def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         a, b = lo, hi
 
 
-def _verify_and_union(parent: np.ndarray, a: np.ndarray, b: np.ndarray, signatures: np.ndarray, min_equal: int) -> None:
-    """Union every pair whose signatures agree on at least `min_equal` entries."""
-    for s in range(0, len(a), _PAIR_BATCH):
-        pa, pb = a[s : s + _PAIR_BATCH], b[s : s + _PAIR_BATCH]
-        equal = np.count_nonzero(np.asarray(signatures[pa]) == np.asarray(signatures[pb]), axis=1)
-        ok = equal >= min_equal
-        _union(parent, pa[ok], pb[ok])
-
-
-def _fill_similarity(signatures: np.ndarray, near_of: np.ndarray, similarity: np.ndarray) -> None:
-    """similarity[i] = fraction of equal signature entries between i and near_of[i], for near duplicates."""
+def _fill_estimate(signatures: np.ndarray, near_of: np.ndarray, estimate: np.ndarray) -> None:
+    """estimate[i] = fraction of equal signature entries between i and near_of[i], for near duplicates."""
     members = np.flatnonzero(near_of >= 0)
     for s in range(0, len(members), _PAIR_BATCH):
         i = members[s : s + _PAIR_BATCH]
         equal = np.asarray(signatures[i]) == np.asarray(signatures[near_of[i]])
-        similarity[i] = equal.mean(axis=1)
+        estimate[i] = equal.mean(axis=1)

@@ -51,6 +51,10 @@ class DatasetManifest:
     """Mixture weight per source (1.0: sampled in proportion to its tokens)."""
     format: str = SHARD_FORMAT
     """Shards are Megatron-LM indexed datasets: `<split>/<source>.bin` (tokens) + `.idx`."""
+    dedup: dict[str, Any] = field(default_factory=dict)
+    """How near duplicates were decided, across all sources: LSH `bands` x `rows`, `decision` (`exact_jaccard`),
+    `candidate_pairs`, `checked` (decided; the rest were already joined), `rejected` (below the threshold) and
+    `candidate_docs`. Empty when the near pass did not run."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -67,14 +67,21 @@ def list_inputs(data: DataConfig, cache_file: Path | None = None) -> list[dict[s
     return inputs
 
 
+# Bumped whenever the same configuration and inputs would build different data, so the id changes with it.
+# 2: near duplicates decided by exact Jaccard of LSH candidates (10 x 12 bands), not by the MinHash estimate.
+BUILD_RULES = 2
+
+
 def dataset_id(data: DataConfig, inputs: list[dict[str, Any]] | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """(id, inputs): the id hashes the data configuration and each input file's sha256, not their paths.
+    """(id, inputs): the id hashes the build rules, the data configuration and each input file's sha256, not their
+    paths.
 
     `workers` is left out: it changes how fast a dataset is built, not what is built.
     """
     inputs = inputs if inputs is not None else list_inputs(data)
     config = data.model_dump(mode="json", exclude={"workers": True, "sources": {"__all__": {"uri"}}})
-    payload = json.dumps({"config": config, "inputs": [(i["source"], i["sha256"]) for i in inputs]}, sort_keys=True)
+    files = [(i["source"], i["sha256"]) for i in inputs]
+    payload = json.dumps({"rules": BUILD_RULES, "config": config, "inputs": files}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16], inputs
 
 
@@ -152,6 +159,7 @@ class DatasetBuild:
         self.kept: list[int] = []
         self.extra_quarantine: dict[str, list[Path]] = {s.name: [] for s in data.sources}
         self.offsets = np.zeros(1, dtype=np.int64)
+        self.near: dict[str, Any] = {}
         self._pool: ProcessPoolExecutor | None = None
 
     @property
@@ -223,7 +231,7 @@ class DatasetBuild:
         self.offsets = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
         if self.offsets[-1] == 0:
             raise DatasetError(f"no usable documents in sources {order}: " + json.dumps({k: v.dropped for k, v in self.stats.items()}))
-        dedup_stage(self.work, self.data, self.units, self.offsets, self.stats)
+        self.near = dedup_stage(self.work, self.data, self.units, self.offsets, self.stats)
 
     def tokenizer(self) -> None:
         from opt.data.build import build_tokenizer
@@ -261,7 +269,7 @@ class DatasetBuild:
         from opt.data.build import publish
 
         return publish(self.work, self.data, self.id, self.uri, self.inputs, self.stats, self.vocab, self.token_dtype,
-                       self.units, self.extra_quarantine)  # fmt: skip
+                       self.units, self.extra_quarantine, self.near)  # fmt: skip
 
 
 def prepare_dataset(

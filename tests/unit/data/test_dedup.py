@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import xxhash
 
-from opt.data.dedup import DEDUP_LSH_WEIGHTS, DedupResult, _candidate_pairs, find_duplicates
-from opt.data.minhash import MinHasher, lsh_params, tokenize
+from opt.data.dedup import DedupResult, _candidate_pairs, find_duplicates
+from opt.data.jaccard import texts_source
+from opt.data.minhash import MinHasher, recall_bands, tokenize
 from tests.conftest import REPO, SAMPLE
 
 THRESHOLD = 0.95
@@ -127,9 +128,13 @@ def inputs(corpus: Corpus) -> tuple[np.ndarray, np.ndarray]:
     return hashes, MinHasher().signatures(corpus.texts)
 
 
+def shingles(texts: list[str]):  # noqa: ANN201
+    return texts_source(texts, MinHasher().shingle_hashes, batch=64)
+
+
 @pytest.fixture(scope="module")
-def result(inputs: tuple[np.ndarray, np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> DedupResult:
-    return find_duplicates(*inputs, threshold=THRESHOLD, work_dir=tmp_path_factory.mktemp("spill"))
+def result(corpus: Corpus, inputs: tuple[np.ndarray, np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> DedupResult:
+    return find_duplicates(*inputs, threshold=THRESHOLD, work_dir=tmp_path_factory.mktemp("spill"), shingles=shingles(corpus.texts))
 
 
 def _survivor(res: DedupResult, i: int) -> int:
@@ -149,12 +154,17 @@ def test_near_duplicate_recall_and_precision(corpus: Corpus, result: DedupResult
     reported = np.flatnonzero(result.near_of >= 0)
     true = [jaccard(corpus.texts[i], corpus.texts[result.near_of[i]]) >= THRESHOLD for i in reported]
     precision = sum(true) / max(len(true), 1)
-    assert recall >= 0.9, recall
-    assert precision >= 0.95, precision
+    assert recall == 1.0, recall
+    assert precision == 1.0, precision
     assert not any(_survivor(result, i) == _survivor(result, j) for i, j, _ in corpus.negatives)
-    # The reported similarity is the signature estimate of the exact Jaccard.
-    err = [result.near_similarity[i] - jaccard(corpus.texts[i], corpus.texts[result.near_of[i]]) for i in reported]
+    # The reported similarity is the exact Jaccard (64-bit shingle hashes against the strings here), the estimate beside it.
+    exact = np.array([jaccard(corpus.texts[i], corpus.texts[result.near_of[i]]) for i in reported])
+    np.testing.assert_allclose(result.near_similarity[reported], exact, atol=1e-6)
+    err = result.near_estimate[reported] - exact
     assert abs(float(np.mean(err))) < 0.02 and float(np.max(np.abs(err))) < 0.06
+    stats = result.near_stats
+    assert stats is not None and stats.decision == "exact_jaccard" and (stats.bands, stats.rows) == (10, 12)
+    assert stats.candidate_pairs >= stats.checked >= stats.rejected >= 0 and stats.checked >= len(reported)
 
 
 def test_lowest_index_survives_and_exact_points_to_it(corpus: Corpus, result: DedupResult) -> None:
@@ -169,7 +179,9 @@ def test_lowest_index_survives_and_exact_points_to_it(corpus: Corpus, result: De
     assert result.keep.sum() == len(corpus.texts) - result.exact_count - result.near_count
 
 
-def test_identical_for_partition_counts_and_memmap(inputs: tuple[np.ndarray, np.ndarray], result: DedupResult, tmp_path: Path) -> None:
+def test_identical_for_partition_counts_and_memmap(
+    corpus: Corpus, inputs: tuple[np.ndarray, np.ndarray], result: DedupResult, tmp_path: Path
+) -> None:
     hashes, sigs = inputs
     mm_h = np.memmap(tmp_path / "hashes.u64", dtype=np.uint64, mode="w+", shape=hashes.shape)
     mm_s = np.memmap(tmp_path / "sigs.u32", dtype=np.uint32, mode="w+", shape=sigs.shape)
@@ -179,8 +191,9 @@ def test_identical_for_partition_counts_and_memmap(inputs: tuple[np.ndarray, np.
     mm_h = np.memmap(tmp_path / "hashes.u64", dtype=np.uint64, mode="r", shape=hashes.shape)
     mm_s = np.memmap(tmp_path / "sigs.u32", dtype=np.uint32, mode="r", shape=sigs.shape)
     for partitions, h, s in [(1, hashes, sigs), (16, hashes, sigs), (7, mm_h, mm_s)]:
-        other = find_duplicates(h, s, THRESHOLD, tmp_path / "spill", partitions=partitions)
-        for field in ("keep", "exact_of", "near_of", "near_similarity"):
+        other = find_duplicates(h, s, THRESHOLD, tmp_path / "spill", partitions=partitions, shingles=shingles(corpus.texts))
+        assert other.near_stats == result.near_stats
+        for field in ("keep", "exact_of", "near_of", "near_similarity", "near_estimate"):
             np.testing.assert_array_equal(getattr(other, field), getattr(result, field), err_msg=f"{field} partitions={partitions}")
     assert list((tmp_path / "spill").iterdir()) == []  # spill files deleted
 
@@ -265,11 +278,10 @@ def test_signatures_identical_across_processes_and_hash_seeds(corpus: Corpus) ->
         assert out.stdout.decode().strip() == here
 
 
-def test_lsh_params_match_datasketch() -> None:
-    datasketch = pytest.importorskip("datasketch")
+def test_recall_bands_miss_at_most_one_in_a_thousand_at_the_threshold() -> None:
+    assert recall_bands(0.95, 128) == (10, 12)
     for threshold, num_perm in [(0.95, 128), (0.9, 128), (0.8, 256), (0.5, 64)]:
-        lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm)
-        assert lsh_params(threshold, num_perm) == (lsh.b, lsh.r)
-    assert lsh_params(0.95, 128) == (3, 42)
-    weighted = datasketch.MinHashLSH(threshold=0.95, num_perm=128, weights=DEDUP_LSH_WEIGHTS)
-    assert lsh_params(0.95, 128, *DEDUP_LSH_WEIGHTS) == (weighted.b, weighted.r) == (7, 18)
+        b, r = recall_bands(threshold, num_perm)
+        assert b * r <= num_perm and (1 - threshold**r) ** b <= 1e-3
+        # one more row would miss more than that: these are the fewest candidates at that recall
+        assert r == num_perm or (1 - threshold ** (r + 1)) ** (num_perm // (r + 1)) > 1e-3
