@@ -1,17 +1,20 @@
-"""Data prep end to end: our pipeline against a datasketch MinHashLSH + HF tokenizers baseline.
+"""Data prep end to end: our pipeline against a datasketch MinHashLSH + HF tokenizers pipeline, same processes.
 
 Same corpus, same run. The corpus (default ~50 MB, `--mb`) recombines paragraphs of the bundled
 sample corpus into documents and plants near copies (see bench/near_dup.py), written as 16 JSONL
-files. Ours runs `prepare_dataset` (clean, filter, exact + near dedup, train a tokenizer, tokenize,
-pack Megatron shards) with one worker process per core. The baseline does the same work the plain
-way in one process: normalise, exact dedup with a set of hashes, datasketch MinHash + MinHashLSH
-(threshold 0.95, 128 permutations), HF tokenizers encode_batch, write tokens. Both use the same
-GPT-2-style vocab.json/merges.txt, trained beforehand on another sample, as OPT used GPT-2's BPE.
-Near-duplicate detection alone is also compared on one core (signatures + LSH + verification).
+files. Ours runs `prepare_dataset` (clean, filter, exact + near dedup, tokenize, pack Megatron shards)
+with `--workers` worker processes (1: in the calling process). The peer does the same work the plain way
+with the same number of processes: the workers normalise, key (sha1) and sign (datasketch MinHash) their
+files; the main process drops exact duplicates with a set and near ones with datasketch's MinHashLSH at our
+bands (decided by MinHash.jaccard); the workers then tokenize their files' survivors with HF tokenizers
+(one thread each: TOKENIZERS_PARALLELISM=false, as ours encodes with one thread per worker) and write the
+tokens. Both use the same GPT-2-style vocab.json/merges.txt, trained beforehand on another sample, as OPT
+used GPT-2's BPE. "Per core" divides each side by the processes it ran (`--workers`). Near-duplicate
+detection alone is also compared on one core (signatures + LSH + decisions; see bench/near_dup.py).
 
-Targets: >= 2.5 MB/s per core end to end; near-dup >= 2x the baseline at equal or better recall;
-peak memory < 2 GB for a 1 GB corpus (`--mb 1000`). Prints one JSON line per measurement and a final
-summary line.
+Targets: >= 2.5 MB/s per core end to end; near-dup >= 2x the peer at equal or better recall;
+peak memory < 2 GB for a 1 GB corpus (`--mb 1000 --skip-baseline`). Prints one JSON line per measurement
+and a final summary line.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from near_dup import build_corpus, datasketch_lsh, datasketch_minhashes, evaluate, run_ours  # noqa: E402
+from near_dup import NUM_PERM, build_corpus, datasketch_lsh, datasketch_minhashes, evaluate, run_ours  # noqa: E402
 
 from opt.data.clean import normalize  # noqa: E402
 from opt.data.config import DataConfig  # noqa: E402
+from opt.data.minhash import recall_bands  # noqa: E402
 from opt.data.prep import prepare_dataset  # noqa: E402
 from opt.data.tokenizer import EOS_ID, from_gpt2_files, train_tokenizer  # noqa: E402
 
@@ -90,29 +94,71 @@ def run_ours_isolated(corpus_dir: Path, tmp: Path, workers: int, vocab: str, mer
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_baseline_e2e(corpus_dir: Path, out: Path, vocab: str, merges: str) -> dict:
+def _read_normalized(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        return [normalize(json.loads(line)["text"]) for line in fh]
+
+
+def _peer_sign(path: Path) -> tuple[list[bytes], np.ndarray]:
+    """Peer worker, first pass over one file: exact keys (sha1 of the case/space-folded text) and MinHash values."""
     import hashlib
 
-    t0 = time.perf_counter()
-    texts = []
-    for f in sorted(corpus_dir.glob("*.jsonl")):
-        with open(f, encoding="utf-8") as fh:
-            texts += [normalize(json.loads(line)["text"]) for line in fh]
-    seen, kept = set(), []
-    for t in texts:
-        h = hashlib.sha1(" ".join(t.lower().split()).encode()).digest()
-        if h not in seen:
-            seen.add(h)
-            kept.append(t)
-    mhs, _ = datasketch_minhashes(kept)
-    near_of, _ = datasketch_lsh(mhs, 0.95, (0.5, 0.5))
-    survivors = [t for t, n in zip(kept, near_of, strict=True) if n < 0]
+    texts = _read_normalized(path)
+    keys = [hashlib.sha1(" ".join(t.lower().split()).encode()).digest() for t in texts]
+    mhs, _ = datasketch_minhashes(texts)
+    values = np.stack([m.hashvalues for m in mhs]) if mhs else np.zeros((0, NUM_PERM), dtype=np.uint64)
+    return keys, values
+
+
+def _peer_tokenize(job: tuple[Path, np.ndarray, Path, str, str]) -> int:
+    """Peer worker, second pass over one file: tokenize its surviving documents, write their tokens."""
+    path, keep, out, vocab, merges = job
     tok = from_gpt2_files(vocab, merges)
+    survivors = [t for t, k in zip(_read_normalized(path), keep, strict=True) if k]
     with open(out, "wb") as fh:
         for b in range(0, len(survivors), 512):
             for enc in tok.encode_batch(survivors[b : b + 512]):
                 np.asarray(enc.ids + [EOS_ID], dtype=np.uint16).tofile(fh)
-    return {"seconds": time.perf_counter() - t0, "exact": len(texts) - len(kept), "near": int((near_of >= 0).sum())}
+    return len(survivors)
+
+
+def _peer_init() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, as ours
+
+
+def run_baseline_e2e(corpus_dir: Path, out: Path, vocab: str, merges: str, workers: int) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from datasketch import LeanMinHash
+
+    _peer_init()
+    files = sorted(corpus_dir.glob("*.jsonl"))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_peer_init) if workers > 1 else None
+    try:
+        run = pool.map if pool is not None else map
+        signed = list(run(_peer_sign, files))
+        seen: set[bytes] = set()
+        exact_keep, mhs = [], []
+        for keys, values in signed:
+            for key, hv in zip(keys, values, strict=True):
+                exact_keep.append(key not in seen)
+                if exact_keep[-1]:
+                    seen.add(key)
+                    mhs.append(LeanMinHash(seed=1, hashvalues=hv))
+        near_of, _ = datasketch_lsh(mhs, 0.95, recall_bands(0.95, NUM_PERM))
+        keep = np.zeros(len(exact_keep), dtype=bool)
+        keep[np.flatnonzero(exact_keep)] = near_of < 0
+        bounds = np.cumsum([0] + [len(k) for k, _ in signed])
+        jobs = [(f, keep[bounds[i] : bounds[i + 1]], out / f"{f.stem}.bin", vocab, merges) for i, f in enumerate(files)]
+        kept = sum(run(_peer_tokenize, jobs))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    exact = len(exact_keep) - sum(exact_keep)
+    return {"seconds": time.perf_counter() - t0, "exact": exact, "near": int((near_of >= 0).sum()), "kept": kept}
 
 
 def main() -> None:
@@ -145,12 +191,13 @@ def main() -> None:
         vocab, merges = make_gpt2_files(tmp / "gpt2")
 
         def report(system: str, result: dict) -> dict:
-            # per core of the machine: both systems may use every core (HF tokenizers is multi-threaded)
+            # per core used: both sides run `--workers` processes of one thread each
             rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
             line = {
                 "system": system,
+                "processes": args.workers,
                 "mb_s": round(mb / result["seconds"], 3),
-                "mb_s_per_core": round(mb / result["seconds"] / cpus, 3),
+                "mb_s_per_core": round(mb / result["seconds"] / args.workers, 3),
                 **rounded,
             }
             print(json.dumps(line), flush=True)
@@ -160,12 +207,12 @@ def main() -> None:
         peak = max(ours["peak_rss_mb_main"], ours["peak_rss_mb_worker"])
         summary = {"corpus_mb": round(mb, 2), "ours_mb_s_per_core": ours["mb_s_per_core"], "ours_peak_rss_mb": peak}
         if not args.skip_baseline:
-            base = report("datasketch+tokenizers", run_baseline_e2e(tmp / "corpus", tmp / "baseline.bin", vocab, merges))
+            base = report("datasketch+tokenizers", run_baseline_e2e(tmp / "corpus", tmp / "baseline", vocab, merges, args.workers))
             # near-dup detection alone, one core each, on the same (rebuilt, identical) corpus
             corpus = build_corpus(args.mb, 0.04, 0)
             near_ours, t_ours = run_ours(corpus.texts, 0.95, tmp / "spill")
             mhs, t_mh = datasketch_minhashes(corpus.texts)
-            near_base, t_lsh = datasketch_lsh(mhs, 0.95, (0.5, 0.5))
+            near_base, t_lsh = datasketch_lsh(mhs, 0.95, recall_bands(0.95, NUM_PERM))
             q_ours, q_base = evaluate(corpus, near_ours, 0.95), evaluate(corpus, near_base, 0.95)
             nd = {
                 "system": "near-dup only", "ours_s": round(t_ours["seconds"], 2), "baseline_s": round(t_mh + t_lsh["lsh_s"], 2),

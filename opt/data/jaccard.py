@@ -35,6 +35,14 @@ def texts_source(texts: Sequence[str], shingle_hashes: Callable[[Sequence[str]],
 _EPS = 1e-12
 
 
+def _sorted_distinct(h: np.ndarray) -> np.ndarray:
+    """`h` sorted without repeats; a source's output usually is already (MinHasher.shingle_hashes), so check first."""
+    if len(h) < 2 or bool((h[1:] > h[:-1]).all()):
+        return h
+    h = np.sort(h)
+    return h[np.concatenate([[True], h[1:] != h[:-1]])]
+
+
 def jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
     """|a & b| / |a | b| of two sorted arrays of distinct values; two empty sets are equal (1.0)."""
     if len(a) > len(b):
@@ -68,7 +76,7 @@ class ShingleStore:
                 if k >= len(self.docs) or int(doc) != self.docs[k]:
                     want = int(self.docs[k]) if k < len(self.docs) else "nothing"
                     raise ValueError(f"shingle source yielded document {doc} where {want} was expected")
-                unique = np.unique(np.asarray(hashes, dtype=np.uint64))
+                unique = _sorted_distinct(np.asarray(hashes, dtype=np.uint64))
                 unique.tofile(f)
                 self.offsets[k + 1] = self.offsets[k] + len(unique)
                 k += 1

@@ -113,3 +113,19 @@ def test_a_shingle_source_that_skips_a_document_is_refused(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="shingle source"):
         find_duplicates(np.array([1, 2], dtype=np.uint64), hasher.signatures(texts), THRESHOLD, tmp_path, shingles=short)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("dedup-")] == []  # spill removed on error
+
+
+def test_shingle_hashes_are_the_sets_the_signatures_are_taken_over() -> None:
+    hasher = MinHasher()
+    texts = ["a b c d e a b c d e a b c d e f", "two words", "", "Naïve café, “quoted” text and more words here"] * 3
+    sets = hasher.shingle_hashes(texts)
+    assert [len(s) for s in sets[:4]] == [6, 1, 0, 4]  # 12 windows of 5 words, 6 distinct; 1; 0; 8 words - 4
+    for text, hashes, sig in zip(texts, sets, hasher.signatures(texts), strict=True):
+        assert hashes.dtype == np.uint64 and (np.diff(hashes.astype(np.float64)) > 0).all()
+        np.testing.assert_array_equal(hashes, hasher.shingle_hashes([text])[0])  # batching does not change a set
+        if len(hashes):  # the signature is the per-permutation minimum over the top 32 bits of exactly these hashes
+            keys = hashes >> np.uint64(32)
+            expect = ((hasher._a * keys[None, :] + hasher._b) >> np.uint64(32)).min(axis=1)
+            np.testing.assert_array_equal(sig, expect.astype(np.uint32))
+        else:
+            np.testing.assert_array_equal(sig, hasher.empty_signature)
