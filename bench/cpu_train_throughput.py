@@ -8,7 +8,10 @@ forward + loss + backward + clip_grad_norm_(1.0) + optimizer.step + zero_grad(se
 - ours: `OPT.loss(x, y)` and the trainer's AdamW (`opt.train.optim.build_optimizer`: decay groups),
   so the bench follows whatever the trainer uses;
 - peer: `model(input_ids=x, labels=x).loss` as users run it (HF shifts the labels itself) and
-  `torch.optim.AdamW(model.parameters(), ...)` with torch's default implementation.
+  `torch.optim.AdamW(model.parameters(), ...)` with torch's default implementation;
+- peer_fused: the same peer (its own copy of the same weights) with `torch.optim.AdamW(..., fused=True)`, the
+  optimizer implementation ours uses, so `ratio_vs_peer_fused` is the model's own speed and `ratio` (against
+  the default peer) adds the platform's optimizer choice.
 
 `y` is `x` shifted left with -100 in the last column: both models predict the same batch*(seq-1)
 next tokens from the same batch*seq positions, and tokens/s counts batch*seq for both.
@@ -73,9 +76,10 @@ def ours_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return build_optimizer("adamw", model, TrainConfig(), LR)
 
 
-def peer_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+def peer_optimizer(model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     t = TrainConfig()
-    return torch.optim.AdamW(model.parameters(), lr=LR, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    kw = {"fused": True} if fused else {}
+    return torch.optim.AdamW(model.parameters(), lr=LR, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, **kw)
 
 
 def shifted_targets(x: torch.Tensor) -> torch.Tensor:
@@ -197,44 +201,50 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--seq {args.seq} exceeds the {args.size} preset's max_seq_len {cfg.max_seq_len}")
     ours = build_ours(cfg)
     peer = build_peer(cfg, ours)
+    peer_fused = build_peer(cfg, ours)
     g = torch.Generator().manual_seed(1234)
     batches = []
     for _ in range(4):
         x = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), generator=g)  # no pad (1) or bos/eos
         batches.append((x, shifted_targets(x)))
     check = parity(ours, peer, batches[0][0])
-    ours_opt, peer_opt = ours_optimizer(ours), peer_optimizer(peer)
+    ours_opt, peer_opt, fused_opt = ours_optimizer(ours), peer_optimizer(peer), peer_optimizer(peer_fused, fused=True)
     steps = {
         "ours": make_step(ours, ours_opt, ours_loss, TrainConfig().grad_clip),
         "peer": make_step(peer, peer_opt, peer_loss, TrainConfig().grad_clip),
+        "peer_fused": make_step(peer_fused, fused_opt, peer_loss, TrainConfig().grad_clip),
     }
     impl = {name: "fused" if o.defaults.get("fused") else "foreach" if o.defaults.get("foreach") else "default"
-            for name, o in (("ours", ours_opt), ("peer", peer_opt))}  # fmt: skip
+            for name, o in (("ours", ours_opt), ("peer", peer_opt), ("peer_fused", fused_opt))}  # fmt: skip
     tokens = args.batch * args.seq
     print(f"{BENCH}: OPT-{args.size} ({count_params(cfg) / 1e6:.1f}M params) seq {args.seq} batch {args.batch} threads {args.threads} "
           f"dropout {args.dropout} fp32 | torch {torch.__version__} transformers {transformers.__version__}")  # fmt: skip
     print(f"parity (same weights, eval): max |logits diff| {check['max_abs_logit_diff']:.2e}, |loss diff| {check['loss_abs_diff']:.2e}")
-    print(f"AdamW: ours {impl['ours']} (the trainer's build_optimizer), peer {impl['peer']}")
+    print(f"AdamW: ours {impl['ours']} (the trainer's build_optimizer), peer {impl['peer']}, peer_fused {impl['peer_fused']}")
     res = run_rounds(steps, batches, args.warmup, args.rounds, args.steps)
     tps = {name: tokens / s for name, s in res["step_s"].items()}
-    ratio = tps["ours"] / tps["peer"]
-    print(f"{'model':<6} {'step s (median)':>16} {'tokens/s':>10}  per-round tokens/s")
-    for name in ("ours", "peer"):
+    ratio, ratio_fused = tps["ours"] / tps["peer"], tps["ours"] / tps["peer_fused"]
+    print(f"{'model':<10} {'step s (median)':>16} {'tokens/s':>10}  per-round tokens/s")
+    for name in steps:
         rounds = " ".join(f"{tokens / s:.0f}" for s in res["per_round_s"][name])
-        print(f"{name:<6} {res['step_s'][name]:>16.3f} {tps[name]:>10.0f}  {rounds}")
-    print(f"ratio ours/peer: {ratio:.3f}x (target >= 1.2x)")
-    print(f"minor page faults per step: ours {res['faults_per_step']['ours']}, peer {res['faults_per_step']['peer']}; "
-          f"cpu pressure from other jobs (median over rounds) {statistics.median(res['cpu_pressure']):.0%}")  # fmt: skip
+        print(f"{name:<10} {res['step_s'][name]:>16.3f} {tps[name]:>10.0f}  {rounds}")
+    print(f"ratio ours/peer: {ratio:.3f}x (target >= 1.2x); ours/peer_fused (the same optimizer): {ratio_fused:.3f}x")
+    faults = ", ".join(f"{name} {n}" for name, n in res["faults_per_step"].items())
+    pressure = statistics.median(res["cpu_pressure"])
+    print(f"minor page faults per step: {faults}; cpu pressure from other jobs (median over rounds) {pressure:.0%}")
     out = dict(
         bench=BENCH, shape=args.size, params=count_params(cfg), seq=args.seq, batch=args.batch, threads=args.threads,
         dropout=args.dropout, dtype="float32", torch=torch.__version__, transformers=transformers.__version__,
         warmup=args.warmup, rounds=args.rounds, steps_per_round=args.steps,
         ours_tokens_per_s=round(tps["ours"], 1), peer_tokens_per_s=round(tps["peer"], 1), ratio=round(ratio, 4),
+        peer_fused_tokens_per_s=round(tps["peer_fused"], 1), ratio_vs_peer_fused=round(ratio_fused, 4),
         ours_step_s=round(res["step_s"]["ours"], 4), peer_step_s=round(res["step_s"]["peer"], 4),
+        peer_fused_step_s=round(res["step_s"]["peer_fused"], 4),
         ours_round_tokens_per_s=[round(tokens / s, 1) for s in res["per_round_s"]["ours"]],
         peer_round_tokens_per_s=[round(tokens / s, 1) for s in res["per_round_s"]["peer"]],
+        peer_fused_round_tokens_per_s=[round(tokens / s, 1) for s in res["per_round_s"]["peer_fused"]],
         last_loss={k: round(v, 4) for k, v in res["last_loss"].items()}, **check,
-        adamw={"ours": impl["ours"], "peer": impl["peer"]}, minor_faults_per_step=res["faults_per_step"],
+        adamw=impl, minor_faults_per_step=res["faults_per_step"],
         cpu_pressure_per_round=[round(p, 3) for p in res["cpu_pressure"]],
     )  # fmt: skip
     print(json.dumps(out), flush=True)

@@ -130,7 +130,7 @@ def run_baseline_e2e(corpus_dir: Path, out: Path, vocab: str, merges: str, worke
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from datasketch import LeanMinHash
+    from datasketch import LeanMinHash, MinHash
 
     _peer_init()
     files = sorted(corpus_dir.glob("*.jsonl"))
@@ -140,6 +140,7 @@ def run_baseline_e2e(corpus_dir: Path, out: Path, vocab: str, merges: str, worke
     try:
         run = pool.map if pool is not None else map
         signed = list(run(_peer_sign, files))
+        scheme = MinHash(num_perm=NUM_PERM).scheme  # the workers' MinHashes are datasketch's defaults
         seen: set[bytes] = set()
         exact_keep, mhs = [], []
         for keys, values in signed:
@@ -147,7 +148,7 @@ def run_baseline_e2e(corpus_dir: Path, out: Path, vocab: str, merges: str, worke
                 exact_keep.append(key not in seen)
                 if exact_keep[-1]:
                     seen.add(key)
-                    mhs.append(LeanMinHash(seed=1, hashvalues=hv))
+                    mhs.append(LeanMinHash(seed=1, hashvalues=hv, scheme=scheme))
         near_of, _ = datasketch_lsh(mhs, 0.95, recall_bands(0.95, NUM_PERM))
         keep = np.zeros(len(exact_keep), dtype=bool)
         keep[np.flatnonzero(exact_keep)] = near_of < 0

@@ -74,6 +74,8 @@ def cmd_data_prep(args: argparse.Namespace) -> None:
         print(f"{name:<20}" + "".join(f"{v:>12,}" for v in row))
         if s.dropped:
             print(f"{'':<20}  dropped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(s.dropped.items())))
+    if (near := manifest.near_summary()) is not None:
+        print(near)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -37,6 +37,7 @@ def load_bench(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered first: a dataclass looks its module up while the module runs
     spec.loader.exec_module(module)
     return module
 

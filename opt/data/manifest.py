@@ -56,6 +56,17 @@ class DatasetManifest:
     `candidate_pairs`, `checked` (decided; the rest were already joined), `rejected` (below the threshold) and
     `candidate_docs`. Empty when the near pass did not run."""
 
+    def near_summary(self) -> str | None:
+        """One line on how near duplicates were decided, or None for a dataset without a near pass (or built before
+        the manifest recorded it)."""
+        d = self.dedup
+        if not d:
+            return None
+        threshold = self.config.get("dedup", {}).get("threshold", 0.95)
+        rule = "exact Jaccard" if d.get("decision") == "exact_jaccard" else "MinHash estimate"
+        return (f"near duplicates: {rule} >= {threshold:g} on {d['candidate_pairs']:,} LSH candidate pairs "
+                f"({d['bands']} x {d['rows']} bands): {d['checked']:,} checked, {d['rejected']:,} rejected")  # fmt: skip
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 

@@ -64,6 +64,8 @@ def _lineage(m: DatasetManifest) -> str:
     inputs = "\n".join(
         f"- `{_cell(i.get('source', ''))}`: `{_cell(i['uri'])}` (sha256 `{str(i.get('sha256', ''))[:16]}...`)" for i in m.inputs
     )
+    summary = m.near_summary()
+    near = f"\n{summary[:1].upper()}{summary[1:]}.\n" if summary else ""
     return f"""## Data lineage
 Dataset `{m.dataset_id}` at `{_cell(m.uri)}`: {m.train_tokens:,} training tokens, sequence length {m.seq_len},
 vocabulary {m.vocab_size:,} (tokenizer sha256 `{m.tokenizer_sha256[:16]}...`).
@@ -71,6 +73,7 @@ vocabulary {m.vocab_size:,} (tokenizer sha256 `{m.tokenizer_sha256[:16]}...`).
 | source | documents in | exact dups removed | near dups removed | filtered out | train docs | train tokens | valid tokens | weight |
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
+{near}
 
 Inputs:
 {inputs}

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -189,6 +190,8 @@ def test_killed_build_resumes_to_byte_identical_output_and_a_finished_one_is_reu
     # Run A: uninterrupted, from nothing.
     first = _run(cmd, home)
     assert "(prepared)" in first.stdout
+    near = r"^near duplicates: exact Jaccard >= 0.95 on \d+ LSH candidate pairs \(10 x 12 bands\): \d+ checked, \d+ rejected$"
+    assert re.search(near, first.stdout, re.M), first.stdout
     (dataset,) = store.glob("datasets/*")
     golden = _snapshot(dataset)
     manifest = DatasetManifest.from_json(golden[MANIFEST_FILE].decode())

@@ -18,7 +18,9 @@ MANIFEST = DatasetManifest(
     sources={"pile-cc": SourceStats(docs_in=1000, dropped={"symbols": 7}, exact_duplicates=31, near_duplicates=12, train_docs=900,
                                     valid_docs=50, train_tokens=123_456, valid_tokens=6_543),
              "reddit": SourceStats(docs_in=10, train_docs=9, train_tokens=999, valid_tokens=11)},
-    files={}, config={}, weights={"pile-cc": 1.0, "reddit": 0.5},
+    files={}, config={"dedup": {"threshold": 0.95}}, weights={"pile-cc": 1.0, "reddit": 0.5},
+    dedup={"bands": 10, "rows": 12, "decision": "exact_jaccard", "candidate_pairs": 1234, "checked": 1200, "rejected": 1188,
+           "candidate_docs": 2000},
 )  # fmt: skip
 REPORT = EvalReport(
     checkpoint="/store/runs/r/step-40", step=40, dataset_id=MANIFEST.dataset_id, loss=3.0, perplexity=20.1, tokens=6554,
@@ -72,6 +74,7 @@ def test_the_card_holds_the_lineage_the_training_summary_and_every_score_beside_
     # lineage: every source with documents in, duplicates removed, filtered, tokens, weight
     assert rows(text, "pile-cc")[0] == ["pile-cc", "1,000", "31", "12", "symbols 7", "900", "123,456", "6,543", "1"]
     assert rows(text, "reddit")[0][-1] == "0.5" and "`/data/cc.jsonl`" in text
+    assert "Near duplicates: exact Jaccard >= 0.95 on 1,234 LSH candidate pairs (10 x 12 bands): 1,200 checked, 1,188 rejected." in text
     # training summary from the logbook: one restart after a lost node, one spike rollback
     (summary,) = [r for r in rows(text, "40") if len(r) == 9]
     assert summary[:7] == ["40", "2", "1", "1", "1 (node-b)", "1", "1"]
