@@ -1,8 +1,10 @@
 """CPU: scoring lm-eval requests with our adapter against lm-eval's own `hf` model, same model, same requests.
 
 One random-weight OPT (preset `--preset`, fp32) is exported as a Hugging Face folder with a tokenizer; both sides
-score the same loglikelihood requests of the bundled tasks (`pydocs_choice`: 4 endings per shared context, and
-`pydocs_cloze`), in the same process, with the same torch threads, in alternating rounds:
+score the same loglikelihood requests of the bundled tasks (`pydocs_choice`: 4 endings per shared context, half a
+paragraph against the other half; `pydocs_story`: 4 last sentences per shared context, a paragraph less its last
+sentence, StoryCloze's shape; `pydocs_cloze`: one word, nothing shared), in the same process, with the same torch
+threads, in alternating rounds:
 
 - ours: `OPTHarnessLM` on the consolidated weights (shared contexts packed into one row, rows packed to a token
   budget of `--batch-tokens`);
@@ -37,12 +39,16 @@ from opt.model import OPT, OPTConfig  # noqa: E402
 BENCH = "eval_throughput"
 
 
-def requests(n_choice: int, n_cloze: int) -> list:
+def _docs(task: str, n: int) -> list[dict]:
+    return [json.loads(line) for line in (TASKS_DIR / f"{task}.jsonl").read_text().splitlines()][:n]
+
+
+def requests(n_choice: int, n_cloze: int, n_story: int = 0) -> list:
     from lm_eval.api.instance import Instance
 
-    choice = [json.loads(line) for line in (TASKS_DIR / "pydocs_choice.jsonl").read_text().splitlines()][:n_choice]
-    cloze = [json.loads(line) for line in (TASKS_DIR / "pydocs_cloze.jsonl").read_text().splitlines()][:n_cloze]
-    args = [(d["context"], e) for d in choice for e in d["endings"]] + [(d["context"], d["target"]) for d in cloze]
+    args = [(d["context"], e) for d in _docs("pydocs_choice", n_choice) for e in d["endings"]]
+    args += [(d["context"], e) for d in _docs("pydocs_story", n_story) for e in d["endings"]]
+    args += [(d["context"], d["target"]) for d in _docs("pydocs_cloze", n_cloze)]
     return [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
@@ -52,13 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--choice", type=int, default=100, help="pydocs_choice questions (4 requests each)")
     p.add_argument("--cloze", type=int, default=100)
+    p.add_argument("--story", type=int, default=100, help="pydocs_story items (4 requests each)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-tokens", type=int, default=2048)
     p.add_argument("--peer-batch", type=int, default=16)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.preset, args.choice, args.cloze, args.rounds = "debug", 8, 8, 1
+        args.preset, args.choice, args.cloze, args.story, args.rounds = "debug", 8, 8, 8, 1
     torch.set_num_threads(args.threads)
     from lm_eval.models.huggingface import HFLM
     from tokenizers import Tokenizer
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         ours = harness_lm_class()(model=model, tokenizer=Tokenizer.from_file(f"{tmp}/tokenizer.json"), batch_tokens=args.batch_tokens)
         peer = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=args.peer_batch)
-        reqs = requests(args.choice, args.cloze)
+        reqs = requests(args.choice, args.cloze, args.story)
         work = sum(len(ours._encode_pair(*r.args)[0]) + len(ours._encode_pair(*r.args)[1]) - 1 for r in reqs)
         times: dict[str, list[float]] = {"ours": [], "peer": []}
         results: dict[str, list] = {}
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_tokens_per_s": work / statistics.median(times["ours"]), "peer_tokens_per_s": work / statistics.median(times["peer"]),
         "max_abs_loglik_diff": diff, "greedy_equal": [g for _, g in results["ours"]] == [g for _, g in results["peer"]],
         "batch_tokens": args.batch_tokens, "peer_batch": args.peer_batch, "rounds": args.rounds,
+        "tasks": {"pydocs_choice": args.choice, "pydocs_story": args.story, "pydocs_cloze": args.cloze},
     }  # fmt: skip
     out["ratio"] = out["ours_tokens_per_s"] / out["peer_tokens_per_s"]
     # what sharing contexts alone can give at equal cost per token run: request tokens / tokens run

@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     evals = p.add_subparsers(dest="eval_cmd")
     t = evals.add_parser("tasks", help="lm-eval tasks on a checkpoint (a committed one or a consolidated export)")
     t.add_argument("--checkpoint", required=True, help="a committed step-N URI or a consolidated export folder")
-    t.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated (bundled: pydocs_cloze, pydocs_choice)")
+    bundled = "pydocs_cloze, pydocs_choice, pydocs_story"
+    t.add_argument("--tasks", required=True, help=f"lm-eval task names, comma-separated (bundled: {bundled})")
     t.add_argument("--include-path", help="a folder of extra task YAMLs")
     t.add_argument("--num-fewshot", type=int)
     t.add_argument("--limit", type=int, help="documents per task")

@@ -67,7 +67,7 @@ class NearStats:
     decision: str
     """`exact_jaccard` (shingle sets) or `estimate` (signature agreement)."""
     candidate_pairs: int = 0
-    """Distinct pairs that shared a band key."""
+    """Pairs that shared a band key: distinct for the exact decision; for the estimate, once per band partition."""
     checked: int = 0
     """Candidate pairs decided; the others were already joined through other pairs."""
     rejected: int = 0

@@ -170,7 +170,7 @@ def test_pending_checkpoints_are_evaluated_beside_training_and_charted(pipeline_
     reports = stages.evaluate_pending(cfg)
     assert [r.step for r in reports] == [5] and storage.exists(step5)
     assert stages.evaluate_pending(cfg) == []  # nothing left to do
-    assert set(reports[0].tasks) == {"pydocs_cloze", "pydocs_choice"}
+    assert set(reports[0].tasks) == {"pydocs_cloze", "pydocs_choice", "pydocs_story"}
     run_id = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_model_version("opt-it", summary["registration"]["version"]).run_id
     history = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "eval_perplexity")
     assert {m.step for m in history} >= {5, 10}  # against the step: the UI charts it

@@ -4,4 +4,4 @@ without the network. `TASKS_DIR` is the include path to hand to lm-eval's TaskMa
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
-BUNDLED = ("pydocs_cloze", "pydocs_choice")
+BUNDLED = ("pydocs_cloze", "pydocs_choice", "pydocs_story")

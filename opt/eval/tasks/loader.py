@@ -22,3 +22,7 @@ def cloze(**_: Any) -> Any:
 
 def choice(**_: Any) -> Any:
     return _load("pydocs_choice")
+
+
+def story(**_: Any) -> Any:
+    return _load("pydocs_story")

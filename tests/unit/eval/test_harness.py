@@ -116,13 +116,14 @@ def test_accuracies_on_the_bundled_tasks_are_lm_evals_own(tokenizer: Path, tmp_p
 
     model, hf_dir = _export(CFG, tokenizer, tmp_path)
     ours = harness_lm_class()(model=model, tokenizer=Tokenizer.from_file(str(tokenizer)))
-    mine = summary(run_tasks(ours, ["pydocs_choice", "pydocs_cloze"], limit=40))
-    theirs = summary(run_tasks(_hflm(hf_dir), ["pydocs_choice", "pydocs_cloze"], limit=40))
-    for task in ("pydocs_choice", "pydocs_cloze"):
-        for metric in ("acc", "acc_norm") if task == "pydocs_choice" else ("acc",):
+    tasks = ["pydocs_choice", "pydocs_cloze", "pydocs_story"]
+    mine = summary(run_tasks(ours, tasks, limit=40))
+    theirs = summary(run_tasks(_hflm(hf_dir), tasks, limit=40))
+    for task in tasks:
+        for metric in ("acc",) if task == "pydocs_cloze" else ("acc", "acc_norm"):
             assert mine[task][metric] == theirs[task][metric], (task, metric)
     assert mine["pydocs_cloze"]["perplexity"] == pytest.approx(theirs["pydocs_cloze"]["perplexity"], rel=1e-4)
-    assert 0 <= mine["pydocs_choice"]["acc_norm_tokens"] <= 1
+    assert 0 <= mine["pydocs_choice"]["acc_norm_tokens"] <= 1 and 0 <= mine["pydocs_story"]["acc_norm_tokens"] <= 1
 
 
 def test_shared_contexts_run_once_and_score_as_if_alone() -> None:
