@@ -1,4 +1,8 @@
-"""The session's one pipeline run and its one `mlflow server`, shared by the integration tests that read them."""
+"""The session's one pipeline run and its one `mlflow server` (on PostgreSQL), shared by the integration tests.
+
+The session pipeline and the trainings beside it write MLflow's PostgreSQL database directly (`tracking.uri` is the
+database URL, as a single-host setup may); the scheduled pipeline of tests/integration/test_schedule.py reaches the
+same database through the server over HTTP. Both are read back through the server in the UI and REST tests."""
 
 from __future__ import annotations
 
@@ -12,11 +16,18 @@ import pytest
 
 from tests.conftest import SAMPLE
 
+TRACKING_ENV = "OPT_TEST_TRACKING_URI"
+
+
+def tracking_uri(root: Path) -> str:
+    """The session's MLflow database once `mlflow_db` has run; SQLite under `root` before (no server needed)."""
+    return os.environ.get(TRACKING_ENV) or f"sqlite:///{root / 'mlflow.db'}"
+
 
 def overrides(root: Path, **extra: object) -> list[str]:
     base = {
         "storage.root": root / "store",
-        "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
+        "tracking.uri": tracking_uri(root),
         "tracking.artifact_root": root / "mlartifacts",
         "tracking.experiment": "it",
         "access.home": root / "access",
@@ -38,15 +49,36 @@ def overrides(root: Path, **extra: object) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory, ray_session):
+def prefect_harness():
+    """The session's one ephemeral Prefect API (`prefect_test_harness`: no scheduler) for flows run in-process;
+    schedules and workers are tested against a real `prefect server start` (tests/prefect_server.py)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_db(postgres_url):
+    """A fresh `mlflow` database on the session's PostgreSQL, as the URL MLflow takes (tables made on first use)."""
+    import psycopg
+
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS mlflow")
+        conn.execute("CREATE DATABASE mlflow")
+    url = postgres_url.rsplit("/", 1)[0] + "/mlflow"
+    os.environ[TRACKING_ENV] = url
+    yield url
+    os.environ.pop(TRACKING_ENV, None)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, ray_session, prefect_harness, mlflow_db):
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
     os.environ["OPT_HOME"] = str(root / "home")
-    with prefect_test_harness(server_startup_timeout=120):
-        summary = pipeline(None, overrides(root))
+    summary = pipeline(None, overrides(root))
     return root, summary
 
 
@@ -88,10 +120,11 @@ def _mlflow_server(backend_store: str, artifacts: Path, log_path: Path) -> Itera
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(pipeline_run):
-    """The session's `mlflow server` over the pipeline's own tracking database and artifact store."""
-    root, _ = pipeline_run
-    with _mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts", root / "mlflow-server.log") as url:
+def mlflow_server(mlflow_db, tmp_path_factory):
+    """The session's one `mlflow server`, over the session's MLflow database; it proxies the artifacts of runs logged
+    through it (those logged with a local artifact root, like the session pipeline's, it reads where they are)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with _mlflow_server(mlflow_db, root / "artifacts", root / "server.log") as url:
         yield url
 
 
@@ -107,16 +140,3 @@ def prefect_server(tmp_path_factory):
         yield api
     finally:
         stop(proc)
-
-
-@pytest.fixture(scope="module")
-def mlflow_pg_server(tmp_path_factory, postgres_url):
-    """A real `mlflow server` whose backend store is PostgreSQL (Debian's server, the session's), as its URL."""
-    import psycopg
-
-    root = tmp_path_factory.mktemp("mlflow-pg")
-    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS mlflow")
-        conn.execute("CREATE DATABASE mlflow")
-    with _mlflow_server(postgres_url.rsplit("/", 1)[0] + "/mlflow", root / "artifacts", root / "server.log") as url:
-        yield url

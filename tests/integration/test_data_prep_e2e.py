@@ -617,9 +617,9 @@ def test_s3_inputs_and_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3
 
 
 @pytest.mark.slow
-def test_prefect_flow_builds_the_same_dataset_as_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_prefect_flow_builds_the_same_dataset_as_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
+) -> None:
     from flows.data_prep import data_prep
 
     monkeypatch.setenv("OPT_HOME", str(tmp_path / "home"))
@@ -627,11 +627,10 @@ def test_prefect_flow_builds_the_same_dataset_as_the_library(tmp_path: Path, mon
     overrides = [f"storage.root={tmp_path / 'store'}", "data.workers=1", "data.tokenizer.vocab_size=512",
                  "data.sources=" + json.dumps([{"name": "corpus", "kind": "pile", "uri": str(corpus)}])]  # fmt: skip
 
-    with prefect_test_harness(server_startup_timeout=120):
-        first = data_prep(None, overrides)
-        cfg = load_config(None, overrides)
-        manifest, reused = prepare_dataset(cfg.data, cfg.storage.root)
-        second = data_prep(None, overrides)
+    first = data_prep(None, overrides)
+    cfg = load_config(None, overrides)
+    manifest, reused = prepare_dataset(cfg.data, cfg.storage.root)
+    second = data_prep(None, overrides)
 
     assert not first["reused"] and reused and second["reused"]
     assert first["dataset_id"] == manifest.dataset_id == second["dataset_id"]

@@ -13,7 +13,7 @@ from opt import stages, storage
 from opt.config import load_config
 from opt.logbook import Logbook
 from tests import numerics
-from tests.integration.conftest import overrides
+from tests.integration.conftest import overrides, tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_registered_version_is_tagged_and_a_candidate(pipeline_run):
     root, summary = pipeline_run
     reg = summary["registration"]
     assert reg["gate_passed"] and reg["aliases"] == ["candidate"] and reg["access_class"] == "gated"
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=tracking_uri(root))
     mv = client.get_model_version("opt-it", reg["version"])
     assert mv.tags["opt.dataset_id"] == summary["dataset"]["id"]
     assert mv.tags["opt.checkpoint_uri"] == summary["train"]["checkpoint"]
@@ -61,7 +61,7 @@ def test_mlflow_holds_no_gated_weights(pipeline_run):
 
     root, summary = pipeline_run
     version = summary["registration"]["version"]
-    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    tracking = tracking_uri(root)
     with pytest.raises(RegistryError, match="is gated: its weights are not in MLflow"):
         fetch_version(tracking, "opt-it", version, root / "fetched")
     client = MlflowClient(tracking)
@@ -171,10 +171,10 @@ def test_pending_checkpoints_are_evaluated_beside_training_and_charted(pipeline_
     assert [r.step for r in reports] == [5] and storage.exists(step5)
     assert stages.evaluate_pending(cfg) == []  # nothing left to do
     assert set(reports[0].tasks) == {"pydocs_cloze", "pydocs_choice", "pydocs_story"}
-    run_id = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_model_version("opt-it", summary["registration"]["version"]).run_id
-    history = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "eval_perplexity")
+    run_id = MlflowClient(tracking_uri(root)).get_model_version("opt-it", summary["registration"]["version"]).run_id
+    history = MlflowClient(tracking_uri(root)).get_metric_history(run_id, "eval_perplexity")
     assert {m.step for m in history} >= {5, 10}  # against the step: the UI charts it
-    acc = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "eval.pydocs_choice.acc")
+    acc = MlflowClient(tracking_uri(root)).get_metric_history(run_id, "eval.pydocs_choice.acc")
     assert {m.step for m in acc} >= {5, 10}
 
 
@@ -296,7 +296,7 @@ def test_resume_with_another_optimizer_and_clipping_is_recorded(pipeline_run):
     assert (switch["previous"], switch["optimizer"], switch["step"], switch["state"]) == ("adamw", "sgd", 4, "new")
     changed = [e for e in book if e["event"] == "hparams_changed"][-1]["changes"]
     assert changed == {"optimizer": ["adamw", "sgd"], "grad_clip": [1.0, 0.3]}
-    tags = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(result.mlflow_run_id).data.tags
+    tags = MlflowClient(tracking_uri(root)).get_run(result.mlflow_run_id).data.tags
     assert json.loads(tags["opt.changes.step-4"]) == changed
 
 

@@ -58,10 +58,10 @@ def _config(root: Path, tracking: str, ray_address: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory, prefect_server, mlflow_pg_server, ray_session):
+def deployed(tmp_path_factory, prefect_server, mlflow_server, ray_session):
     root = tmp_path_factory.mktemp("sched")
     address = ray_session.get_runtime_context().gcs_address
-    cfg_path = _config(root, mlflow_pg_server, address)
+    cfg_path = _config(root, mlflow_server, address)
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "OPT_HOME": str(root / "home")}
     out = subprocess.run([OPTCTL, "deploy", "--config", str(cfg_path)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -139,7 +139,7 @@ def test_an_interval_schedule_runs_on_the_worker_and_can_be_paused(deployed, pre
 
 
 def test_the_pipeline_trains_a_segment_holds_back_a_second_run_and_waits_for_the_reviewer(deployed, prefect_server,
-                                                                                          mlflow_pg_server):  # fmt: skip
+                                                                                          mlflow_server):  # fmt: skip
     from mlflow import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -168,7 +168,7 @@ def test_the_pipeline_trains_a_segment_holds_back_a_second_run_and_waits_for_the
         done = wait_for_state(first.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=120)
         assert done.state.type.value == "COMPLETED"
 
-    c = MlflowClient(mlflow_pg_server)
+    c = MlflowClient(mlflow_server)
     mv = c.get_model_version(MODEL, version)
     assert "champion" in (mv.aliases or []) and mv.tags["opt.step"] == "8"  # one segment: pipeline_steps past step 0
     decision = json.loads(mv.tags["opt.review"])
@@ -219,24 +219,24 @@ def _passed_version(tracking: str) -> str:
     return str(mv.version)
 
 
-def test_a_review_nobody_gives_times_out_and_leaves_a_candidate(deployed, prefect_server, mlflow_pg_server):
+def test_a_review_nobody_gives_times_out_and_leaves_a_candidate(deployed, prefect_server, mlflow_server):
     from mlflow import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    version = _passed_version(mlflow_pg_server)
+    version = _passed_version(mlflow_server)
     with temporary_settings({PREFECT_API_URL: prefect_server}):
         run = run_deployment(f"opt-review/review-{MODEL}", timeout=0, parameters={
             "version": version, "config_path": str(deployed[1]), "overrides": ["schedule.approval_timeout_s=3"]})  # fmt: skip
         done = wait_for_state(run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=180)
     assert done.state.type.value == "COMPLETED", done.state
-    mv = MlflowClient(mlflow_pg_server).get_model_version(MODEL, version)
+    mv = MlflowClient(mlflow_server).get_model_version(MODEL, version)
     review = json.loads(mv.tags["opt.review"])
     assert review["decision"] == "timed_out" and "3 s" in review["reason"] and "champion" not in (mv.aliases or [])
     assert "opt.review_pending" not in mv.tags
 
 
-def test_a_reviewer_decides_in_the_prefect_ui(deployed, prefect_server, mlflow_pg_server):
+def test_a_reviewer_decides_in_the_prefect_ui(deployed, prefect_server, mlflow_server):
     """The deployments page lists the schedules; the paused run's Resume form approves the version."""
     from mlflow import MlflowClient
     from prefect.deployments import run_deployment
@@ -245,7 +245,7 @@ def test_a_reviewer_decides_in_the_prefect_ui(deployed, prefect_server, mlflow_p
     from tests.browser import chromium, screenshot
 
     ui = prefect_server.removesuffix("/api")
-    version = _passed_version(mlflow_pg_server)
+    version = _passed_version(mlflow_server)
     with temporary_settings({PREFECT_API_URL: prefect_server}):
         run = run_deployment(f"opt-review/review-{MODEL}", timeout=0, parameters={"version": version, "config_path": str(deployed[1])})
         wait_for_state(run.id, {"PAUSED"}, timeout_s=180)
@@ -275,6 +275,6 @@ def test_a_reviewer_decides_in_the_prefect_ui(deployed, prefect_server, mlflow_p
             page.reload(wait_until="networkidle")
             screenshot(page, "prefect-review-done")
     assert done.state.type.value == "COMPLETED", done.state
-    mv = MlflowClient(mlflow_pg_server).get_model_version(MODEL, version)
+    mv = MlflowClient(mlflow_server).get_model_version(MODEL, version)
     review = json.loads(mv.tags["opt.review"])
     assert review["decision"] == "approved" and review["by"] == "uma" and "champion" in (mv.aliases or [])
