@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opt.data.jaccard import PairSpill, ShingleSource, ShingleStore, passes
+from opt.data.jaccard import PairSpill, ShingleSource, ShingleStore, append_partitioned, passes
 from opt.data.minhash import fmix64, recall_bands
 
 # Rows of hashes or signatures read from (possibly memory-mapped) inputs per step: 65536 x 128 uint32 = 32 MiB.
@@ -193,14 +193,9 @@ class _Partitions:
         """Append records; `docs` must be non-decreasing across all calls, which `read` relies on."""
         # Mix before taking the modulus so that a caller's hash with weak low bits still spreads evenly.
         part = (fmix64(keys.copy()) % _U64(self.count)).astype(np.intp)
-        order = np.argsort(part, kind="stable")  # stable: docs stay in order inside each partition
         records = np.empty(len(keys), dtype=self.dtype)
-        records["key"] = keys[order]
-        records["doc"] = docs[order]
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=self.count))])
-        for p in np.flatnonzero(np.diff(bounds)):
-            with open(self.paths[p], "ab") as f:
-                records[bounds[p] : bounds[p + 1]].tofile(f)
+        records["key"], records["doc"] = keys, docs
+        append_partitioned(self.paths, part, records)  # stable: docs stay in order inside each partition
 
     def read(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """Partition p's (keys, docs) sorted by key, equal keys in document order; deletes the file."""

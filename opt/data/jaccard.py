@@ -10,11 +10,17 @@ spill file; memory holds 16 bytes per candidate document (its index and offset) 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Candidate documents read between two progress lines.
+_PROGRESS_EVERY = 1 << 20
 
 ShingleSource = Callable[[np.ndarray], Iterable[tuple[int, np.ndarray]]]
 """Given ascending document indices, yields (index, uint64 shingle hashes) for each of them, in that order."""
@@ -80,6 +86,8 @@ class ShingleStore:
                 unique.tofile(f)
                 self.offsets[k + 1] = self.offsets[k] + len(unique)
                 k += 1
+                if k % _PROGRESS_EVERY == 0:
+                    log.info("near dedup: shingles of %d of %d candidate documents read", k, len(self.docs))
         if k != len(self.docs):
             raise ValueError(f"shingle source yielded {k} of {len(self.docs)} documents (stopped at {self.docs[k]})")
         self._fd = os.open(path, os.O_RDONLY)
@@ -118,6 +126,16 @@ class ShingleStore:
         self.path.unlink(missing_ok=True)
 
 
+def append_partitioned(paths: list[Path], part: np.ndarray, records: np.ndarray) -> None:
+    """Append each record to the file its `part` names; records keep their order inside each file."""
+    order = np.argsort(part, kind="stable")
+    records = records[order]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=len(paths)))])
+    for p in np.flatnonzero(np.diff(bounds)):
+        with open(paths[p], "ab") as f:
+            records[bounds[p] : bounds[p + 1]].tofile(f)
+
+
 class PairSpill:
     """Candidate pairs (a < b) in `count` files by range of `a`, read back one file at a time, sorted and unique."""
 
@@ -129,14 +147,9 @@ class PairSpill:
         self.total = 0
 
     def append(self, a: np.ndarray, b: np.ndarray) -> None:
-        part = a // self.block
-        order = np.argsort(part, kind="stable")
         records = np.empty(len(a), dtype=self.dtype)
-        records["a"], records["b"] = a[order], b[order]
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=self.count))])
-        for p in np.flatnonzero(np.diff(bounds)):
-            with open(self.paths[p], "ab") as f:
-                records[bounds[p] : bounds[p + 1]].tofile(f)
+        records["a"], records["b"] = a, b
+        append_partitioned(self.paths, a // self.block, records)
         self.total += len(a)
 
     def read(self, p: int) -> tuple[np.ndarray, np.ndarray]:
