@@ -13,6 +13,7 @@ import numpy as np
 
 from opt import storage
 from opt.data.config import DataConfig
+from opt.data.jaccard import ShingleSource
 from opt.data.manifest import MANIFEST_FILE, DatasetManifest, SourceStats
 from opt.data.tokenizer import TOKENIZER_FILE, padded_vocab_size
 from opt.data.units import Unit, read_docs, read_meta
@@ -51,7 +52,7 @@ def _iter_meta(work: WorkDir, units: list[Unit]) -> Iterator[tuple[int, str, dic
             g += 1
 
 
-def _shingle_source(work: WorkDir, units: list[Unit], offsets: np.ndarray, data: DataConfig) -> Any:
+def _shingle_source(work: WorkDir, units: list[Unit], offsets: np.ndarray, data: DataConfig) -> ShingleSource:
     """The near pass's ShingleSource: reads only the units holding a wanted document, each only as far as its last one."""
     from opt.data.minhash import MinHasher
 
