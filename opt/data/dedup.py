@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opt.data.jaccard import PairSpill, ShingleSource, ShingleStore, append_partitioned, passes
+from opt.data.jaccard import PairSpill, ShingleSource, ShingleStore, append_partitioned, passes, take_partition
 from opt.data.minhash import fmix64, recall_bands
 
 # Rows of hashes or signatures read from (possibly memory-mapped) inputs per step: 65536 x 128 uint32 = 32 MiB.
@@ -199,11 +199,7 @@ class _Partitions:
 
     def read(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """Partition p's (keys, docs) sorted by key, equal keys in document order; deletes the file."""
-        path = self.paths[p]
-        if not path.exists():
-            return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
-        records = np.fromfile(path, dtype=self.dtype)
-        path.unlink()
+        records = take_partition(self.paths[p], self.dtype)
         keys = records["key"]
         # Records were appended in document order, so a stable sort by key keeps each group in document order.
         order = np.argsort(keys, kind="stable")

@@ -136,6 +136,15 @@ def append_partitioned(paths: list[Path], part: np.ndarray, records: np.ndarray)
             records[bounds[p] : bounds[p + 1]].tofile(f)
 
 
+def take_partition(path: Path, dtype: np.dtype) -> np.ndarray:
+    """A partition file's records (none if nothing was appended to it); deletes the file."""
+    if not path.exists():
+        return np.empty(0, dtype=dtype)
+    records = np.fromfile(path, dtype=dtype)
+    path.unlink()
+    return records
+
+
 class PairSpill:
     """Candidate pairs (a < b) in `count` files by range of `a`, read back one file at a time, sorted and unique."""
 
@@ -144,21 +153,15 @@ class PairSpill:
         self.block = max(1, -(-n // count))
         self.paths = [directory / f"pairs-{p:05d}.bin" for p in range(count)]
         self.dtype = np.dtype([("a", "<i8"), ("b", "<i8")])
-        self.total = 0
 
     def append(self, a: np.ndarray, b: np.ndarray) -> None:
         records = np.empty(len(a), dtype=self.dtype)
         records["a"], records["b"] = a, b
         append_partitioned(self.paths, a // self.block, records)
-        self.total += len(a)
 
     def read(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """File p's distinct pairs, sorted by (a, b); deletes the file."""
-        path = self.paths[p]
-        if not path.exists():
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        records = np.fromfile(path, dtype=self.dtype)
-        path.unlink()
+        records = take_partition(self.paths[p], self.dtype)
         a, b = records["a"], records["b"]
         order = np.lexsort((b, a))
         a, b = a[order], b[order]
